@@ -1,0 +1,20 @@
+"""The one error the unpacker raises: an archive refused, or an extraction that failed."""
+
+
+class UnpackError(Exception):
+    """An archive was refused or could not be extracted.
+
+    `member` is the archive member at fault, as the archive spells it, or None when the fault
+    lies with the archive as a whole (truncated stream, trailing data, destination unusable).
+    `reason` is a lowercase fragment; `str()` joins the two into one line.
+    """
+
+    def __init__(self, reason: str, member: str | None = None) -> None:
+        self.reason = " ".join(reason.split())
+        self.member = member
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.member is None:
+            return self.reason
+        return f"member {self.member!r}: {self.reason}"
