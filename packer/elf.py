@@ -1,0 +1,221 @@
+"""A thin typed adapter over pyelftools, plus the raw header checks the loader makes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from dataclasses import dataclass
+from enum import Enum
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.dynamic import DynamicSegment
+from elftools.elf.elffile import ELFFile
+from elftools.elf.gnuversions import GNUVerDefSection
+
+from .errors import PackError
+
+ET_EXEC, ET_DYN = 2, 3
+DF_1_NODEFLIB = 0x800
+DF_1_PIE = 0x08000000
+
+# e_machine numbers and their `uname -m` spelling, for the machines rpack knows by name.
+MACHINES = {3: "i686", 62: "x86_64", 183: "aarch64", 40: "armv7l", 21: "ppc64le",
+            22: "s390x", 243: "riscv64"}
+
+# The OS ABIs the glibc loader accepts (VALID_ELF_OSABI): SYSV and GNU/Linux.
+OSABI_SYSV, OSABI_GNU = 0, 3
+# LIBC_ABI_MAX of glibc 2.36 on x86_64: OSABI GNU objects may carry ABI versions below it.
+LIBC_ABI_MAX = 4
+
+
+@dataclass(frozen=True)
+class Header:
+    """The ELF identification and the few header fields the loader checks."""
+
+    elf_class: int      # 32 or 64
+    little_endian: bool
+    osabi: int
+    e_type: int
+    machine: int
+
+    @property
+    def machine_name(self) -> str:
+        return MACHINES.get(self.machine, f"e_machine {self.machine}")
+
+
+class Verdict(Enum):
+    """What the glibc loader does with a candidate file (loader.md R44-R47)."""
+
+    OK = "ok"
+    ABSENT = "absent"       # ENOENT or EACCES: try the next candidate
+    SKIP = "skip"           # another ELF class or machine: skipped silently
+    FATAL = "fatal"         # the whole program fails to start
+
+
+@dataclass(frozen=True)
+class Check:
+    verdict: Verdict
+    reason: str = ""
+
+
+def read_header(path: str) -> Header:
+    """Read the ELF header of `path`, raising PackError if it is not an ELF file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64)
+    except OSError as e:
+        raise PackError(f"cannot read {path!r}: {e.strerror}") from None
+    header = parse_header(data)
+    if header is None:
+        raise PackError(f"{path!r} is not an ELF file")
+    return header
+
+
+def parse_header(data: bytes) -> Header | None:
+    if len(data) < 52 or data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return None
+    order = "<" if data[5] == 1 else ">"
+    e_type, machine = struct.unpack_from(order + "HH", data, 16)
+    return Header(32 if data[4] == 1 else 64, data[5] == 1, data[7], e_type, machine)
+
+
+def check_candidate(path: str, elf_class: int, machine: int) -> Check:
+    """Decide as glibc's open_verify does whether a library candidate is used, skipped or fatal."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.ENAMETOOLONG):
+            return Check(Verdict.ABSENT)
+        return Check(Verdict.FATAL, f"cannot open shared object file: {e.strerror}")
+    try:
+        data = os.read(fd, 64)
+    except OSError as e:
+        return Check(Verdict.FATAL, f"cannot read file data: {e.strerror}")
+    finally:
+        os.close(fd)
+    ehdr_size = 64 if elf_class == 64 else 52
+    if len(data) < ehdr_size:
+        return Check(Verdict.FATAL, "file too short")
+    if data[:4] != b"\x7fELF":
+        return Check(Verdict.FATAL, "invalid ELF header")
+    if data[4] != (2 if elf_class == 64 else 1):
+        return Check(Verdict.SKIP, f"wrong ELF class: ELFCLASS{32 if data[4] == 1 else 64}")
+    little = struct.unpack("=H", b"\x01\x00")[0] == 1
+    if data[5] != (1 if little else 2):
+        return Check(Verdict.FATAL, "ELF file data encoding not "
+                     + ("little-endian" if little else "big-endian"))
+    if data[6] != 1:
+        return Check(Verdict.FATAL, "ELF file version ident does not match current one")
+    osabi, abiversion = data[7], data[8]
+    if osabi not in (OSABI_SYSV, OSABI_GNU):
+        return Check(Verdict.FATAL, "ELF file OS ABI invalid")
+    if abiversion != 0 and not (osabi == OSABI_GNU and abiversion < LIBC_ABI_MAX):
+        return Check(Verdict.FATAL, "ELF file ABI version invalid")
+    if any(data[9:16]):
+        return Check(Verdict.FATAL, "nonzero padding in e_ident")
+    order = "<" if little else ">"
+    e_type, e_machine, e_version = struct.unpack_from(order + "HHI", data, 16)
+    if e_version != 1:
+        return Check(Verdict.FATAL, "ELF file version does not match current one")
+    if e_machine != machine:
+        return Check(Verdict.SKIP, f"machine {e_machine} is not {machine}")
+    if e_type not in (ET_DYN, ET_EXEC):
+        return Check(Verdict.FATAL, "only ET_DYN and ET_EXEC can be loaded")
+    phentsize = struct.unpack_from(order + "H", data, 54 if elf_class == 64 else 42)[0]
+    if phentsize != (56 if elf_class == 64 else 32):
+        return Check(Verdict.FATAL, "ELF file's phentsize not the expected size")
+    return Check(Verdict.OK)
+
+
+@dataclass(frozen=True)
+class Dynamic:
+    """What the loader reads of one object: its header, PT_INTERP and dynamic section."""
+
+    header: Header
+    interp: str | None
+    needed: tuple[str, ...]
+    soname: str | None
+    rpath: str | None           # DT_RPATH, already None when DT_RUNPATH is present
+    runpath: str | None
+    nodeflib: bool
+    pie: bool
+
+    @property
+    def static(self) -> bool:
+        return self.interp is None
+
+
+def read_dynamic(path: str) -> Dynamic:
+    """Parse `path` with pyelftools, raising PackError if it is not a readable ELF file."""
+    try:
+        with open(path, "rb") as f:
+            header = parse_header(f.read(64))
+            if header is None:
+                raise PackError(f"{path!r} is not an ELF file")
+            f.seek(0)
+            elf = ELFFile(f)
+            interp = None
+            needed: list[str] = []
+            soname = rpath = runpath = None
+            flags_1 = 0
+            for segment in elf.iter_segments():
+                kind = segment["p_type"]
+                if kind == "PT_INTERP":
+                    interp = segment.get_interp_name()  # type: ignore[attr-defined]
+                elif kind == "PT_DYNAMIC" and isinstance(segment, DynamicSegment):
+                    for tag in segment.iter_tags():
+                        name = tag.entry.d_tag
+                        if name == "DT_NEEDED":
+                            needed.append(tag.needed)  # type: ignore[attr-defined]
+                        elif name == "DT_SONAME":
+                            soname = tag.soname  # type: ignore[attr-defined]
+                        elif name == "DT_RPATH":
+                            rpath = tag.rpath  # type: ignore[attr-defined]
+                        elif name == "DT_RUNPATH":
+                            runpath = tag.runpath  # type: ignore[attr-defined]
+                        elif name == "DT_FLAGS_1":
+                            flags_1 = tag.entry.d_val
+    except (ELFError, ValueError, struct.error, UnicodeDecodeError) as e:
+        raise PackError(f"{path!r} is not a valid ELF file: {e}") from None
+    except OSError as e:
+        raise PackError(f"cannot read {path!r}: {e.strerror}") from None
+    # glibc drops DT_RPATH of an object that also has DT_RUNPATH (get-dynamic-info.h).
+    if runpath is not None:
+        rpath = None
+    return Dynamic(header, interp, tuple(needed), soname, rpath, runpath,
+                   bool(flags_1 & DF_1_NODEFLIB), bool(flags_1 & DF_1_PIE))
+
+
+def abi_note(path: str) -> str | None:
+    """The minimum kernel version from an object's NT_GNU_ABI_TAG note, e.g. "3.2.0"."""
+    try:
+        with open(path, "rb") as f:
+            for segment in ELFFile(f).iter_segments():
+                if segment["p_type"] != "PT_NOTE":
+                    continue
+                for note in segment.iter_notes():  # type: ignore[attr-defined]
+                    if note["n_type"] == "NT_GNU_ABI_TAG":
+                        desc = note["n_desc"]
+                        return f"{desc['abi_major']}.{desc['abi_minor']}.{desc['abi_tiny']}"
+    except (ELFError, OSError, ValueError, struct.error):
+        return None
+    return None
+
+
+def glibc_version(path: str) -> str | None:
+    """The newest GLIBC_x.y version that a libc.so.6 defines, e.g. "2.36"."""
+    best: tuple[int, ...] = ()
+    try:
+        with open(path, "rb") as f:
+            for section in ELFFile(f).iter_sections():
+                if not isinstance(section, GNUVerDefSection):
+                    continue
+                for _verdef, auxiliaries in section.iter_versions():
+                    for aux in auxiliaries:
+                        name = aux.name
+                        if name.startswith("GLIBC_") and name[6:].replace(".", "").isdigit():
+                            best = max(best, tuple(int(p) for p in name[6:].split(".")))
+    except (ELFError, OSError, ValueError, struct.error):
+        return None
+    return ".".join(map(str, best)) if best else None
