@@ -1,0 +1,192 @@
+"""The archive writer: the manifest first, then every member, as one zstd-compressed pax tar."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import zstandard
+
+from unpacker.format import MANIFEST_PATH, WINDOW_LOG_MAX
+
+from .errors import PackError
+from .plan import Member
+
+CHUNK = 1 << 20
+_TYPES = {"dir": tarfile.DIRTYPE, "file": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE,
+          "hardlink": tarfile.LNKTYPE}
+
+
+def hash_sources(members: list[Member]) -> dict[str, str]:
+    """The sha256 of every file member, which the manifest lists before the data follows."""
+    digests = {}
+    for m in members:
+        if m.type != "file":
+            continue
+        if m.data is not None:
+            digests[m.path] = hashlib.sha256(m.data).hexdigest()
+            continue
+        assert m.source is not None
+        digest = hashlib.sha256()
+        try:
+            with open(m.source, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+        except OSError as e:
+            raise PackError(f"cannot read {m.source!r}: {e.strerror}") from None
+        digests[m.path] = digest.hexdigest()
+    return digests
+
+
+def manifest_entries(members: list[Member], digests: dict[str, str]) -> list[dict[str, Any]]:
+    entries = []
+    for m in members:
+        entry: dict[str, Any] = {"path": m.path, "type": m.type, "mode": m.mode,
+                                 "origin": m.origin}
+        if m.type == "file":
+            entry["size"] = m.size
+            entry["sha256"] = digests[m.path]
+        elif m.type in ("symlink", "hardlink"):
+            entry["target"] = m.target
+        entries.append(entry)
+    return entries
+
+
+class _Digesting(io.RawIOBase):
+    """Passes the uncompressed tar stream on, hashing it: the archive's identity."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self.sink = sink
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.sink.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+
+def write_archive(out: BinaryIO, manifest: dict[str, Any], members: list[Member],
+                  digests: dict[str, str], mtime: int, level: int = 3,
+                  threads: int = 0) -> tuple[str, int]:
+    """Write the archive to `out`; return the identity (sha256 of the tar) and the tar's size."""
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, threads=threads or os.cpu_count() or 1, write_checksum=True,
+        write_content_size=False)
+    if params.window_log > WINDOW_LOG_MAX:
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=threads or os.cpu_count() or 1, write_checksum=True,
+            write_content_size=False, window_log=WINDOW_LOG_MAX)
+    compressor = zstandard.ZstdCompressor(compression_params=params)
+    with compressor.stream_writer(out, closefd=False, write_size=CHUNK) as zstd_out:
+        digesting = _Digesting(zstd_out)
+        with tarfile.open(fileobj=digesting, mode="w|", format=tarfile.PAX_FORMAT,
+                          bufsize=CHUNK) as tar:
+            data = json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False).encode()
+            tar.addfile(_tarinfo(MANIFEST_PATH, tarfile.REGTYPE, 0o644, mtime, len(data)),
+                        io.BytesIO(data))
+            for m in members:
+                _add(tar, m, digests)
+    return digesting.digest.hexdigest(), digesting.size
+
+
+def _tarinfo(name: str, kind: bytes, mode: int, mtime: int, size: int = 0,
+             linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.mtime = mtime
+    info.size = size
+    info.linkname = linkname
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _add(tar: tarfile.TarFile, m: Member, digests: dict[str, str]) -> None:
+    assert m.mtime is not None
+    info = _tarinfo(m.path, _TYPES[m.type], m.mode, m.mtime, m.size, m.target)
+    if m.type != "file":
+        tar.addfile(info)
+        return
+    if m.data is not None:
+        tar.addfile(info, io.BytesIO(m.data))
+        return
+    assert m.source is not None
+    try:
+        with open(m.source, "rb") as f:
+            checked = _Checked(f, m.size)
+            tar.addfile(info, checked)
+    except OSError as e:
+        raise PackError(f"cannot read {m.source!r}: {e.strerror}") from None
+    if checked.digest.hexdigest() != digests[m.path] or checked.read_size != m.size:
+        raise PackError(f"{m.source!r} changed while it was being packed")
+
+
+class _Checked:
+    """Reads a source file for tarfile, hashing what it hands over."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.f = f
+        self.digest = hashlib.sha256()
+        self.read_size = 0
+        self.size = size
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.digest.update(data)
+        self.read_size += len(data)
+        if len(data) < n and self.read_size < self.size:
+            raise PackError(f"{self.f.name!r} changed while it was being packed")
+        return data
+
+
+@contextlib.contextmanager
+def open_output(path: str, force: bool) -> Iterator[BinaryIO]:
+    """The archive's output: stdout for "-", else a file that appears only once complete."""
+    if path == "-":
+        if sys.stdout.isatty():
+            raise PackError("refusing to write an archive to a terminal",
+                            hint="redirect standard output to a file or a pipe")
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    if os.path.lexists(path) and not force:
+        raise PackError(f"{path!r} already exists", hint="use -f to overwrite it")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".rpack-", suffix=".part", dir=directory)
+    except OSError as e:
+        raise PackError(f"cannot create {path!r}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        if force:
+            os.replace(temporary, path)
+        else:
+            # link() fails if the name appeared meanwhile: never overwrite without -f.
+            os.link(temporary, path)
+            os.unlink(temporary)
+    except FileExistsError:
+        os.unlink(temporary)
+        raise PackError(f"{path!r} already exists", hint="use -f to overwrite it") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise

@@ -1,0 +1,303 @@
+"""From program paths to an archive: resolve every program, plan the root, write it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from unpacker.format import FORMAT
+
+from . import ldcache
+from .archive import hash_sources, manifest_entries, write_archive
+from .elf import ET_DYN, ET_EXEC, Verdict, abi_note, check_candidate, glibc_version, parse_header
+from .errors import PackError
+from .ldso import LoaderModel
+from .plan import Member, Plan
+from .resolve import LoadedObject, Missing, Resolution, Resolver
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CACHE_PATH = "etc/ld.so.cache"
+
+
+@dataclass
+class Options:
+    programs: list[str]
+    adds: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
+    entrypoint: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    allow_missing: bool = False
+
+
+@dataclass
+class Item:
+    """One line of `rpack deps`: a file of the root and why it is there."""
+
+    path: str
+    source: str | None
+    kind: str
+    why: str
+
+
+@dataclass
+class Collection:
+    """Everything `create` packs, before any byte is written."""
+
+    programs: list[str]
+    resolutions: list[Resolution]
+    plan: Plan
+    items: list[Item]
+    missing: list[Missing]
+    model: LoaderModel | None
+
+    def report(self) -> dict[str, Any]:
+        """The object `rpack deps --json` prints."""
+        interps = [r.interp.name for r in self.resolutions if r.interp is not None]
+        return {
+            "programs": self.programs,
+            "interpreter": interps[0] if interps else None,
+            "files": [vars(item) for item in self.items],
+            "missing": [{"name": m.name, "needed_by": m.needed_by} for m in self.missing],
+        }
+
+
+def find_program(name: str, cwd: str) -> str:
+    """The absolute path of a program named on the command line (PATH is searched for a name
+    without a slash, as a shell would)."""
+    if "/" not in name:
+        found = shutil.which(name)
+        if found is None:
+            raise PackError(f"{name!r}: no such program in PATH")
+        name = found
+    path = os.path.abspath(os.path.join(cwd, name))
+    if not os.path.lexists(path):
+        raise PackError(f"{path!r}: no such file")
+    return path
+
+
+def collect(options: Options, cwd: str | None = None) -> Collection:
+    """Resolve every program and added file and plan the root, reading only ELF headers."""
+    cwd = cwd or os.getcwd()
+    resolver = Resolver(options.env, cwd)
+    plan = Plan(options.excludes)
+    items: dict[str, Item] = {}
+    programs = [find_program(p, cwd) for p in options.programs]
+    resolutions: list[Resolution] = []
+    missing: list[Missing] = []
+
+    def note(path: str, source: str | None, kind: str, why: str) -> None:
+        items.setdefault(path, Item(path, source, kind, why))
+
+    for program in programs:
+        resolution = resolver.resolve(program)
+        resolutions.append(resolution)
+        plan.add_program(program, "program")
+        note(program, os.path.realpath(program), "program", "named on the command line")
+        _place_resolution(plan, resolution, note)
+    for added in options.adds:
+        path = os.path.abspath(os.path.join(cwd, added))
+        if not os.path.lexists(path):
+            raise PackError(f"{added!r}: no such file or directory (given to --add)")
+        for member in plan.add_tree(path, "added"):
+            note("/" + member, "/" + member, "added", f"under {path} (--add)")
+            module = _elf_module(resolver, "/" + member, resolutions)
+            if module is not None:
+                resolutions.append(module)
+                _place_resolution(plan, module, note)
+    for resolution in resolutions:
+        missing += resolution.missing
+        for dropped in resolution.dropped:
+            logger.warning("DT_NEEDED %s is skipped by the loader: $ORIGIN is unknown", dropped)
+    _check_missing(missing, options.allow_missing)
+    model = next((r.model for r in resolutions if r.model is not None), None)
+    if model is not None and model.libc == "glibc":
+        data = _root_cache(plan, resolutions, model)
+        plan.add_generated(CACHE_PATH, data, "generated")
+        note("/" + CACHE_PATH, None, "generated", "ld.so.cache for exactly the packed libraries")
+    elif model is not None and model.libc == "musl":
+        _musl_path_file(plan, model, note)
+    for directory, mode in (("proc", 0o555), ("dev", 0o755), ("tmp", 0o1777)):
+        plan.add_generated_dir(directory, "generated", mode)
+    return Collection(programs, resolutions, plan, list(items.values()), missing, model)
+
+
+def _place_resolution(plan: Plan, resolution: Resolution, note: Any) -> None:
+    if resolution.interp is not None:
+        interp = resolution.interp
+        plan.add_object(interp.name, interp.how)
+        note(interp.name, os.path.realpath(interp.name), "interpreter", interp.how)
+    for obj in resolution.libraries:
+        needed_by = obj.loader.name if obj.loader else resolution.program
+        why = f"needed by {needed_by} ({obj.how})"
+        plan.add_object(_absolute(obj.name, resolution), f"needed by {needed_by}")
+        note(obj.name, os.path.realpath(obj.name), "library", why)
+        for variant in _hwcaps_variants(obj, resolution.model):
+            plan.add_object(variant, f"glibc-hwcaps variant of {obj.name}")
+            note(variant, os.path.realpath(variant), "runtime",
+                 f"the loader picks it instead of {obj.name} on other CPUs")
+
+
+def _absolute(path: str, resolution: Resolution) -> str:
+    # XXX: a name the loader opened relative to the CWD is placed relative to the packing CWD.
+    return path if path.startswith("/") else os.path.abspath(path)
+
+
+def _hwcaps_variants(obj: LoadedObject, model: LoaderModel | None) -> list[str]:
+    """Every glibc-hwcaps copy and the baseline of a library: the CPU at run time may differ."""
+    if model is None or model.libc != "glibc" or not obj.name.startswith("/"):
+        return []
+    directory, name = os.path.split(obj.name)
+    if os.path.basename(os.path.dirname(directory)) == "glibc-hwcaps":
+        directory = os.path.dirname(os.path.dirname(directory))
+    candidates = [os.path.join(directory, name)]
+    hwcaps = os.path.join(directory, "glibc-hwcaps")
+    if os.path.isdir(hwcaps):
+        candidates += [os.path.join(hwcaps, sub, name) for sub in sorted(os.listdir(hwcaps))]
+    return [c for c in candidates if c != obj.name and
+            check_candidate(c, model.elf_class, model.machine).verdict is Verdict.OK]
+
+
+def _elf_module(resolver: Resolver, path: str, resolutions: list[Resolution]) -> Resolution | None:
+    """The resolution of an ELF file found in an added tree, or None for any other file."""
+    try:
+        with open(path, "rb") as f:
+            header = parse_header(f.read(64))
+    except OSError:
+        return None
+    model = next((r.model for r in resolutions if r.model is not None), None)
+    if header is None or header.e_type not in (ET_DYN, ET_EXEC):
+        return None
+    dynamic, _ = resolver.read(path)
+    if dynamic.interp is not None:
+        return resolver.resolve(path)
+    if model is None or (header.elf_class, header.machine) != (model.elf_class, model.machine):
+        logger.debug("%s: not for the programs' loader, its libraries are not resolved", path)
+        return None
+    return resolver.resolve_module(path, model)
+
+
+def _check_missing(missing: list[Missing], allow: bool) -> None:
+    for m in missing:
+        message = f"library {m.name!r} needed by {m.needed_by} cannot be found"
+        if not allow:
+            raise PackError(message, hint="install it, or pass --allow-missing to pack anyway")
+        logger.warning("%s; packing without it (--allow-missing)", message)
+
+
+def _root_cache(plan: Plan, resolutions: list[Resolution], model: LoaderModel) -> bytes:
+    """The host's ld.so.cache restricted to the packed libraries, so that the loader in the
+    root finds each of them exactly where it found them on this host."""
+    names: dict[tuple[int, int], set[str]] = {}
+    for m in plan.members.values():
+        if m.type == "file" and m.file_id is not None:
+            names.setdefault(m.file_id, set()).add(os.path.basename(m.path))
+    for resolution in resolutions:
+        for obj in resolution.libraries:
+            if obj.dynamic.soname and obj.file_id in names:
+                names[obj.file_id].add(obj.dynamic.soname)
+    entries = []
+    for entry in model.cache:
+        try:
+            st = os.stat(entry.value)
+        except OSError:
+            continue
+        if entry.key in names.get((st.st_dev, st.st_ino), ()):
+            if plan.add_object(entry.value, "named by ld.so.cache") is not None:
+                entries.append(entry)
+    from rpack import __version__
+
+    return ldcache.build_cache(entries, generator=f"rpack {__version__}")
+
+
+def _musl_path_file(plan: Plan, model: LoaderModel, note: Any) -> None:
+    arch = os.path.basename(model.interp).removeprefix("ld-musl-").removesuffix(".so.1")
+    path = f"/etc/ld-musl-{arch}.path"
+    if os.path.exists(path):
+        plan.add_object(path, "musl library path")
+        note(path, path, "generated", "the musl loader's library path")
+
+
+def platform_of(collection: Collection) -> dict[str, Any]:
+    """The manifest's platform: what a host must offer to run the programs."""
+    model = collection.model
+    first = collection.resolutions[0].objects[0].dynamic.header
+    libc = model.libc if model else "none"
+    libc_path = None
+    for resolution in collection.resolutions:
+        for obj in resolution.libraries:
+            if obj.dynamic.soname in ("libc.so.6", "libc.musl-x86_64.so.1"):
+                libc_path = obj.name
+    version = glibc_version(libc_path) if libc_path and libc == "glibc" else None
+    kernel_source = libc_path or collection.programs[0]
+    return {
+        "machine": first.machine_name,
+        "elf_class": first.elf_class,
+        "endian": "little" if first.little_endian else "big",
+        "libc": libc,
+        "libc_version": version,
+        "min_kernel": abi_note(kernel_source),
+    }
+
+
+def build_manifest(collection: Collection, options: Options, members: list[Member],
+                   digests: dict[str, str]) -> dict[str, Any]:
+    from rpack import __version__
+
+    entrypoint = options.entrypoint or collection.programs[0]
+    env = {"PATH": DEFAULT_PATH}
+    env.update(options.env)
+    entries = manifest_entries(members, digests)
+    return {
+        "format": FORMAT,
+        "generator": f"rpack {__version__}",
+        "platform": platform_of(collection),
+        "entrypoint": [entrypoint],
+        "programs": collection.programs,
+        "env": env,
+        "workdir": options.workdir,
+        "entries": entries,
+        "totals": {"entries": len(entries), "bytes": sum(e.get("size", 0) for e in entries)},
+    }
+
+
+@dataclass
+class Written:
+    identity: str
+    tar_size: int
+    members: int
+
+
+def create(options: Options, out: BinaryIO, level: int = 3, threads: int = 0) -> Written:
+    """Pack the programs of `options` into `out`."""
+    collection = collect(options)
+    epoch_text = os.environ.get("SOURCE_DATE_EPOCH")
+    epoch = int(epoch_text) if epoch_text and epoch_text.isdigit() else None
+    members = collection.plan.finish(epoch)
+    mtime = max((m.mtime for m in members if m.mtime is not None), default=0)
+    digests = hash_sources(members)
+    manifest = build_manifest(collection, options, members, digests)
+    identity, size = write_archive(out, manifest, members, digests, mtime, level, threads)
+    logger.info("packed %d programs, %d members, %s of files; identity sha256:%s",
+                len(collection.programs), len(members) + 1,
+                _human(manifest["totals"]["bytes"]), identity)
+    return Written(identity, size, len(members) + 1)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{size} B"
+
+
+def host_machine() -> str:
+    return platform.machine()

@@ -1,0 +1,217 @@
+"""The members of the archive: where each host file sits in the root, and why."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+from .errors import PackError
+
+logger = logging.getLogger(__name__)
+
+MAX_HOPS = 40   # the kernel's limit on symbolic links followed in one lookup
+
+
+@dataclass
+class Member:
+    """One tar member: a directory, a file, a symbolic link or a hard link."""
+
+    path: str                   # inside the root, relative, in its real directory's spelling
+    type: str                   # "dir", "file", "symlink" or "hardlink"
+    mode: int
+    mtime: int | None = None    # None: generated, takes the archive's own time
+    source: str | None = None   # the host file read, for files
+    data: bytes | None = None   # the content, for generated files
+    target: str = ""            # the link target, for links
+    size: int = 0
+    origin: str = ""
+    file_id: tuple[int, int] | None = None
+
+
+class Plan:
+    """Collects members as the host paths of a program's files are placed in the root."""
+
+    def __init__(self, excludes: list[str] | None = None) -> None:
+        self.members: dict[str, Member] = {}
+        self.excludes = excludes or []
+
+    def excluded(self, path: str) -> bool:
+        absolute = "/" + path.lstrip("/")
+        return any(fnmatch.fnmatchcase(absolute, glob) for glob in self.excludes)
+
+    def add_object(self, path: str, origin: str) -> str | None:
+        """Place a library or the loader: its directories as on the host, the name dereferenced.
+
+        Returns the member's path, or None when it is excluded.
+        """
+        parent = self.directory(os.path.dirname(path), origin)
+        member = _join(parent, os.path.basename(path))
+        if self.excluded(member) or self.excluded(path):
+            return None
+        self._file(member, os.path.realpath(path), origin)
+        return member
+
+    def add_program(self, path: str, origin: str) -> str | None:
+        """Place a program or an added file, keeping each symlink hop with the host's target."""
+        parent = self.directory(os.path.dirname(path), origin)
+        name = os.path.basename(path)
+        for _ in range(MAX_HOPS):
+            member = _join(parent, name)
+            if self.excluded(member):
+                return None
+            host = "/" + member
+            st = _lstat(host)
+            if not stat.S_ISLNK(st.st_mode):
+                if not stat.S_ISREG(st.st_mode):
+                    raise PackError(f"{host!r} is not a regular file")
+                self._file(member, host, origin)
+                return member
+            target = os.readlink(host)
+            self._symlink(member, target, st, origin)
+            following = target if target.startswith("/") else os.path.join("/" + parent, target)
+            parent = self.directory(os.path.dirname(following), origin)
+            name = os.path.basename(following)
+        raise PackError(f"too many levels of symbolic links in {path!r}")
+
+    def directory(self, path: str, origin: str, hops: int = 0) -> str:
+        """Place every component of the host directory `path`; return its real spelling."""
+        if hops > MAX_HOPS:
+            raise PackError(f"too many levels of symbolic links in {path!r}")
+        real = ""
+        for component in path.split("/"):
+            if component in ("", "."):
+                continue
+            if component == "..":
+                real = os.path.dirname(real)
+                continue
+            member = _join(real, component)
+            st = _lstat("/" + member)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink("/" + member)
+                self._symlink(member, target, st, origin)
+                following = target if target.startswith("/") else os.path.join("/" + real, target)
+                real = self.directory(following, origin, hops + 1)
+            elif stat.S_ISDIR(st.st_mode):
+                self._dir(member, st, origin)
+                real = member
+            else:
+                raise PackError(f"'/{member}' is not a directory")
+        return real
+
+    def add_tree(self, path: str, origin: str, visited: set[str] | None = None) -> list[str]:
+        """Place a file or a whole tree; file symlinks are dereferenced, directory links kept.
+
+        Returns the members of the regular files placed, for the caller to examine.
+        """
+        visited = set() if visited is None else visited
+        st = _lstat(path)
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            if not stat.S_ISLNK(st.st_mode) and not stat.S_ISREG(st.st_mode):
+                raise PackError(f"{path!r} is not a regular file or a directory")
+            member = self.add_program(path, origin)
+            return [member] if member else []
+        top = self.directory(path, origin)
+        if top in visited:
+            return []
+        visited.add(top)
+        files = []
+        for parent, dirs, names in os.walk("/" + top):
+            real_parent = parent[1:]
+            if self.excluded(real_parent):
+                dirs[:] = []
+                continue
+            self._dir(real_parent, _lstat(parent), origin)
+            for name in sorted(dirs):
+                host = os.path.join(parent, name)
+                if os.path.islink(host):
+                    # A directory link keeps its target, whose tree is packed as well.
+                    self.directory(os.path.join(real_parent, name), origin)
+                    files += self.add_tree(host, origin, visited)
+            for name in sorted(names):
+                member = _join(real_parent, name)
+                host = "/" + member
+                if self.excluded(member):
+                    continue
+                lst = _lstat(host)
+                if stat.S_ISLNK(lst.st_mode):
+                    if not os.path.exists(host):
+                        self._symlink(member, os.readlink(host), lst, origin)
+                        continue
+                    if os.path.isdir(host):
+                        continue
+                    source = os.path.realpath(host)
+                elif stat.S_ISREG(lst.st_mode):
+                    source = host
+                else:
+                    logger.warning("%s: not a regular file, left out", host)
+                    continue
+                self._file(member, source, origin)
+                files.append(member)
+        return files
+
+    def add_generated(self, path: str, data: bytes, origin: str, mode: int = 0o644) -> None:
+        parent = os.path.dirname(path)
+        if parent and parent not in self.members:
+            self.add_generated_dir(parent, origin)
+        self.members[path] = Member(path, "file", mode, data=data, size=len(data), origin=origin)
+
+    def add_generated_dir(self, path: str, origin: str, mode: int = 0o755) -> None:
+        if path in self.members:
+            return
+        parent = os.path.dirname(path)
+        if parent:
+            self.add_generated_dir(parent, origin)
+        self.members[path] = Member(path, "dir", mode, origin=origin)
+
+    def _file(self, member: str, source: str, origin: str) -> None:
+        if member in self.members:
+            return
+        try:
+            st = os.stat(source)
+        except OSError as e:
+            raise PackError(f"cannot read {source!r}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise PackError(f"{source!r} is not a regular file")
+        logger.debug("file %s <- %s (%s)", member, source, origin)
+        self.members[member] = Member(member, "file", stat.S_IMODE(st.st_mode), int(st.st_mtime),
+                                      source, size=st.st_size, origin=origin,
+                                      file_id=(st.st_dev, st.st_ino))
+
+    def _symlink(self, member: str, target: str, st: os.stat_result, origin: str) -> None:
+        if member not in self.members:
+            self.members[member] = Member(member, "symlink", 0o777, int(st.st_mtime),
+                                          target=target, origin=origin)
+
+    def _dir(self, member: str, st: os.stat_result, origin: str) -> None:
+        if member and member not in self.members:
+            self.members[member] = Member(member, "dir", stat.S_IMODE(st.st_mode),
+                                          int(st.st_mtime), origin=origin)
+
+    def finish(self, epoch: int | None) -> list[Member]:
+        """The members in archive order, hard links for repeated host files, times clamped."""
+        members = sorted(self.members.values(), key=lambda m: m.path.encode())
+        newest = max((m.mtime for m in members if m.mtime is not None), default=0)
+        when = epoch if epoch is not None else newest
+        first: dict[tuple[int, int], str] = {}
+        for m in members:
+            m.mtime = when if m.mtime is None else min(m.mtime, when)
+            if m.type == "file" and m.file_id is not None:
+                if m.file_id in first:
+                    m.type, m.target, m.size = "hardlink", first[m.file_id], 0
+                else:
+                    first[m.file_id] = m.path
+        return members
+
+
+def _join(directory: str, name: str) -> str:
+    return f"{directory}/{name}" if directory else name
+
+
+def _lstat(path: str) -> os.stat_result:
+    try:
+        return os.lstat(path)
+    except OSError as e:
+        raise PackError(f"cannot read {path!r}: {e.strerror}") from None
