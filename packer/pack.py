@@ -138,6 +138,8 @@ def _place_resolution(plan: Plan, resolution: Resolution, note: Any) -> None:
         why = f"needed by {needed_by} ({obj.how})"
         plan.add_object(_absolute(obj.name, resolution), f"needed by {needed_by}")
         note(obj.name, os.path.realpath(obj.name), "library", why)
+        for alias in obj.aliases:
+            plan.add_object(_absolute(alias, resolution), f"another name of {obj.name}")
         for variant in _hwcaps_variants(obj, resolution.model):
             plan.add_object(variant, f"glibc-hwcaps variant of {obj.name}")
             note(variant, os.path.realpath(variant), "runtime",

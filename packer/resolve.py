@@ -38,6 +38,7 @@ class LoadedObject:
     origin: str | None              # what $ORIGIN expands to for this object's own lists
     names: set[str] = field(default_factory=set)
     loader: LoadedObject | None = None      # the object that first caused it to load (l_loader)
+    aliases: list[str] = field(default_factory=list)    # other paths a search found it by
     how: str = ""                   # how it was found, for `rpack deps`
 
 
@@ -203,12 +204,16 @@ class _LinkMap:
         dynamic, file_id = self.resolver.read(path)
         for obj in self._loaded():
             if obj.file_id == file_id:
+                # The same file under another name is reused, but the loader in the root must
+                # find that name too, to make the same decision.
                 obj.names.add(name)
+                if path != obj.name and path not in obj.aliases:
+                    obj.aliases.append(path)
                 return
         origin = os.path.dirname(path)
         if not origin.startswith("/"):
             origin = os.path.join(self.resolver.cwd, origin) if origin else self.resolver.cwd
-        obj = LoadedObject(path, dynamic, file_id, origin, {name, path}, requester, how)
+        obj = LoadedObject(path, dynamic, file_id, origin, {name, path}, loader=requester, how=how)
         logger.debug("%s: %s -> %s (%s)", requester.name, name, path, how)
         self.objects.append(obj)
 
