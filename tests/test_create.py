@@ -1,0 +1,214 @@
+"""rpack create and rpack deps through the command line, checked against the format contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+RPACK = [sys.executable, "-m", "rpack"]
+ROOT_DIR = Path(__file__).resolve().parent.parent
+
+
+def rpack(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT_DIR))
+    env.update(kwargs.pop("env", {}))  # type: ignore[arg-type]
+    return subprocess.run([*RPACK, *args], capture_output=True, text=True, env=env,
+                          timeout=300, **kwargs)  # type: ignore[call-overload]
+
+
+def members(archive: Path) -> list[tarfile.TarInfo]:
+    with open(archive, "rb") as f:
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            return list(tar)
+
+
+def manifest(archive: Path) -> dict[str, object]:
+    with open(archive, "rb") as f:
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            first = tar.next()
+            assert first is not None and first.name == ".rpack/manifest.json"
+            data = tar.extractfile(first)
+            assert data is not None
+            result: dict[str, object] = json.loads(data.read())
+            return result
+
+
+@pytest.fixture(scope="module")
+def sh_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sh") / "sh.tar.zst"
+    done = rpack("create", str(out), "/bin/sh")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_layout_follows_the_format(sh_archive: Path) -> None:
+    infos = members(sh_archive)
+    assert infos[0].name == ".rpack/manifest.json"
+    names = [i.name for i in infos[1:]]
+    assert names == sorted(names, key=lambda n: n.encode())
+    by_name = {i.name: i for i in infos}
+    assert all(i.uid == 0 and i.gid == 0 and i.uname == "" and i.gname == "" for i in infos)
+    assert all(isinstance(i.mtime, int) for i in infos)
+    assert not any(i.pax_headers for i in infos)
+    # Merged /usr: directory links kept, the program's own link kept, libraries dereferenced.
+    assert by_name["bin"].issym() and by_name["bin"].linkname == "usr/bin"
+    assert by_name["lib64"].issym()
+    real_sh = os.path.realpath("/bin/sh")
+    if real_sh != "/usr/bin/sh":
+        assert by_name["usr/bin/sh"].issym()
+        assert by_name["usr" + real_sh.removeprefix("/usr")].isreg()
+    interp = by_name["usr/lib64/ld-linux-x86-64.so.2"]
+    assert interp.isreg() or interp.islnk()
+    assert by_name["etc/ld.so.cache"].isreg()
+    assert by_name["tmp"].isdir() and by_name["tmp"].mode == 0o1777
+    assert by_name["proc"].isdir() and by_name["dev"].isdir()
+    for info in infos:
+        if info.islnk():
+            target = by_name[info.linkname]
+            assert target.isreg() and names.index(info.linkname) < names.index(info.name)
+
+
+def test_manifest_lists_every_member(sh_archive: Path) -> None:
+    data = manifest(sh_archive)
+    assert data["format"] == "rpack/1"
+    assert data["entrypoint"] == ["/bin/sh"]
+    platform = data["platform"]
+    assert isinstance(platform, dict)
+    assert platform["machine"] == os.uname().machine
+    assert platform["libc"] == "glibc" and platform["elf_class"] == 64
+    assert platform["min_kernel"] and platform["libc_version"]
+    entries = data["entries"]
+    assert isinstance(entries, list)
+    assert [e["path"] for e in entries] == [i.name for i in members(sh_archive)[1:]]
+    assert data["totals"] == {"entries": len(entries),
+                              "bytes": sum(e.get("size", 0) for e in entries)}
+
+
+def test_zstd_frames_carry_checksums(sh_archive: Path) -> None:
+    done = subprocess.run(["zstd", "-lv", str(sh_archive)], capture_output=True, text=True)
+    assert "XXH64" in done.stdout
+    assert subprocess.run(["zstd", "-tq", str(sh_archive)]).returncode == 0
+
+
+def test_same_create_twice_is_byte_identical(tmp_path: Path) -> None:
+    epoch = "1600000000"
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.tar.zst"
+        done = rpack("create", str(out), "/bin/sh", env={"SOURCE_DATE_EPOCH": epoch})
+        assert done.returncode == 0, done.stderr
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    assert all(i.mtime <= int(epoch) for i in members(tmp_path / "a.tar.zst"))
+    plain = [tmp_path / "c.tar.zst", tmp_path / "d.tar.zst"]
+    for out in plain:
+        assert rpack("create", str(out), "/bin/sh").returncode == 0
+    assert plain[0].read_bytes() == plain[1].read_bytes()
+
+
+@pytest.mark.root
+def test_archive_runs_under_plain_chroot(sh_archive: Path, tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    root.mkdir()
+    subprocess.run(["tar", "--zstd", "-xf", str(sh_archive), "-C", str(root)], check=True)
+    done = subprocess.run(["chroot", str(root), "/bin/sh", "-c", "echo ok"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ok\n"
+
+
+def test_existing_output_is_refused_without_force(tmp_path: Path) -> None:
+    out = tmp_path / "x.tar.zst"
+    out.write_text("precious")
+    done = rpack("create", str(out), "/bin/sh")
+    assert done.returncode == 1
+    assert "already exists" in done.stderr and "Traceback" not in done.stderr
+    assert out.read_text() == "precious"
+    assert rpack("create", "-f", str(out), "/bin/sh").returncode == 0
+    assert out.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.tar.zst"]
+
+
+def test_stdout_archive_streams_and_refuses_a_terminal(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT_DIR))
+    produced = subprocess.run([*RPACK, "create", "-", "/bin/sh"], capture_output=True, env=env)
+    assert produced.returncode == 0
+    checked = subprocess.run(["zstd", "-tq"], input=produced.stdout)
+    assert checked.returncode == 0
+    controller, terminal = os.openpty()
+    try:
+        refused = subprocess.run([*RPACK, "create", "-", "/bin/sh"], stdout=terminal,
+                                 stderr=subprocess.PIPE, env=env, text=True)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert refused.returncode == 1
+    assert "terminal" in refused.stderr
+
+
+def test_missing_library_fails_naming_it_and_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "gone.c").write_text("int gone(void) { return 1; }\n")
+    (tmp_path / "main.c").write_text("int gone(void);\nint main(void) { return gone(); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "libgone.so.1"),
+                    "-Wl,-soname,libgone.so.1", str(tmp_path / "gone.c")], check=True)
+    subprocess.run(["gcc", "-o", str(tmp_path / "prog"), str(tmp_path / "main.c"),
+                    "-Wl,--no-as-needed", str(tmp_path / "libgone.so.1"),
+                    f"-Wl,-rpath,{tmp_path}"], check=True)
+    (tmp_path / "libgone.so.1").unlink()
+    out = tmp_path / "out" / "prog.tar.zst"
+    out.parent.mkdir()
+    done = rpack("create", str(out), str(tmp_path / "prog"))
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("rpack: error: ")
+    assert "libgone.so.1" in lines[0] and str(tmp_path / "prog") in lines[0]
+    assert list(out.parent.iterdir()) == []
+    deps = rpack("deps", "--json", str(tmp_path / "prog"))
+    assert deps.returncode == 1 and "libgone.so.1" in deps.stderr
+    allowed = rpack("deps", "--json", "--allow-missing", str(tmp_path / "prog"))
+    assert allowed.returncode == 0
+    report = json.loads(allowed.stdout)
+    assert report["missing"] == [{"name": "libgone.so.1", "needed_by": str(tmp_path / "prog")}]
+
+
+@pytest.mark.parametrize("bad", ["/etc/hostname", "/nonexistent/prog", "/usr"])
+def test_bad_program_is_one_clear_error(bad: str, tmp_path: Path) -> None:
+    done = rpack("create", str(tmp_path / "x.tar.zst"), bad)
+    assert done.returncode == 1
+    assert done.stderr.startswith("rpack: error: ") and "Traceback" not in done.stderr
+    assert bad in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_deps_json_has_the_documented_shape() -> None:
+    done = rpack("deps", "--json", "/bin/sh")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report) == {"programs", "interpreter", "files", "missing"}
+    assert report["programs"] == ["/bin/sh"]
+    assert report["interpreter"] == "/lib64/ld-linux-x86-64.so.2"
+    kinds = {f["kind"] for f in report["files"]}
+    assert {"program", "interpreter", "library", "generated"} <= kinds
+    for item in report["files"]:
+        assert set(item) == {"path", "source", "kind", "why"}
+        assert item["path"].startswith("/")
+
+
+def test_added_tree_brings_its_elf_libraries(tmp_path: Path) -> None:
+    done = rpack("deps", "--json", "--add", "/usr/lib/python3.11/lib-dynload",
+                 "/usr/bin/python3")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    paths = {f["path"]: f for f in report["files"]}
+    ssl = [p for p in paths if "_ssl.cpython" in p]
+    assert ssl and paths[ssl[0]]["kind"] == "added"
+    assert any("libssl.so" in p for p in paths)
