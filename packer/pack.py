@@ -98,8 +98,8 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
     for program in programs:
         resolution = resolver.resolve(program)
         resolutions.append(resolution)
-        plan.add_program(program, "program")
-        note(program, os.path.realpath(program), "program", "named on the command line")
+        if plan.add_program(program, "program"):
+            note(program, os.path.realpath(program), "program", "named on the command line")
         _place_resolution(plan, resolution, note)
     for added in options.adds:
         path = os.path.abspath(os.path.join(cwd, added))
@@ -131,22 +131,22 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
 def _place_resolution(plan: Plan, resolution: Resolution, note: Any) -> None:
     if resolution.interp is not None:
         interp = resolution.interp
-        plan.add_object(interp.name, interp.how)
-        note(interp.name, os.path.realpath(interp.name), "interpreter", interp.how)
+        if plan.add_object(interp.name, interp.how):
+            note(interp.name, os.path.realpath(interp.name), "interpreter", interp.how)
     for obj in resolution.libraries:
         needed_by = obj.loader.name if obj.loader else resolution.program
-        why = f"needed by {needed_by} ({obj.how})"
-        plan.add_object(_absolute(obj.name, resolution), f"needed by {needed_by}")
-        note(obj.name, os.path.realpath(obj.name), "library", why)
+        if plan.add_object(_absolute(obj.name), f"needed by {needed_by}"):
+            note(obj.name, os.path.realpath(obj.name), "library",
+                 f"needed by {needed_by} ({obj.how})")
         for alias in obj.aliases:
-            plan.add_object(_absolute(alias, resolution), f"another name of {obj.name}")
+            plan.add_object(_absolute(alias), f"another name of {obj.name}")
         for variant in _hwcaps_variants(obj, resolution.model):
-            plan.add_object(variant, f"glibc-hwcaps variant of {obj.name}")
-            note(variant, os.path.realpath(variant), "runtime",
-                 f"the loader picks it instead of {obj.name} on other CPUs")
+            if plan.add_object(variant, f"glibc-hwcaps variant of {obj.name}"):
+                note(variant, os.path.realpath(variant), "runtime",
+                     f"the loader picks it instead of {obj.name} on other CPUs")
 
 
-def _absolute(path: str, resolution: Resolution) -> str:
+def _absolute(path: str) -> str:
     # XXX: a name the loader opened relative to the CWD is placed relative to the packing CWD.
     return path if path.startswith("/") else os.path.abspath(path)
 

@@ -319,14 +319,23 @@ def host_loader() -> HostLoader:
 # --- rpack --------------------------------------------------------------------------------
 
 
+RPACK = [sys.executable, "-m", "rpack"]
+
+
+def rpack_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment the tests run rpack in: clean, with this checkout importable."""
+    return clean_env({"PYTHONPATH": str(REPO), **(extra or {})})
+
+
 def rpack(
-    *args: str | Path, cwd: Path | None = None, timeout: float = 300
+    *args: str | Path, cwd: Path | None = None, timeout: float = 300,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the rpack CLI as `python -m rpack`, in a clean environment."""
     return subprocess.run(
-        [sys.executable, "-m", "rpack", *map(str, args)],
+        [*RPACK, *map(str, args)],
         cwd=cwd,
-        env=clean_env({"PYTHONPATH": str(REPO)}),
+        env=rpack_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

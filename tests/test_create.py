@@ -5,22 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import zstandard
-
-RPACK = [sys.executable, "-m", "rpack"]
-ROOT_DIR = Path(__file__).resolve().parent.parent
-
-
-def rpack(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT_DIR))
-    env.update(kwargs.pop("env", {}))  # type: ignore[arg-type]
-    return subprocess.run([*RPACK, *args], capture_output=True, text=True, env=env,
-                          timeout=300, **kwargs)  # type: ignore[call-overload]
+from conftest import RPACK, rpack, rpack_env
 
 
 def members(archive: Path) -> list[tarfile.TarInfo]:
@@ -139,7 +129,7 @@ def test_existing_output_is_refused_without_force(tmp_path: Path) -> None:
 
 
 def test_stdout_archive_streams_and_refuses_a_terminal(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT_DIR))
+    env = rpack_env()
     produced = subprocess.run([*RPACK, "create", "-", "/bin/sh"], capture_output=True, env=env)
     assert produced.returncode == 0
     checked = subprocess.run(["zstd", "-tq"], input=produced.stdout)
@@ -212,3 +202,55 @@ def test_added_tree_brings_its_elf_libraries(tmp_path: Path) -> None:
     ssl = [p for p in paths if "_ssl.cpython" in p]
     assert ssl and paths[ssl[0]]["kind"] == "added"
     assert any("libssl.so" in p for p in paths)
+
+
+def test_exclude_leaves_a_file_out_of_plan_and_report(tmp_path: Path) -> None:
+    glob = "/lib/x86_64-linux-gnu/libc.so.6"
+    report = json.loads(rpack("deps", "--json", "--exclude", glob, "/bin/sh").stdout)
+    assert glob not in {f["path"] for f in report["files"]}
+    out = tmp_path / "x.tar.zst"
+    assert rpack("create", "--exclude", glob, str(out), "/bin/sh").returncode == 0
+    assert "usr/lib/x86_64-linux-gnu/libc.so.6" not in {i.name for i in members(out)}
+
+
+@pytest.fixture(scope="module")
+def static_programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A static (ET_EXEC) and a static-pie (ET_DYN, no PT_INTERP) build of one program."""
+    where = tmp_path_factory.mktemp("static")
+    source = where / "hello.c"
+    source.write_text('#include <stdio.h>\nint main(void) { puts("static hello"); return 0; }\n')
+    built = {}
+    for kind in ("static", "static-pie"):
+        built[kind] = where / kind
+        subprocess.run(["gcc", f"-{kind}", "-o", str(built[kind]), str(source)], check=True)
+    return built
+
+
+@pytest.mark.parametrize("kind", ["static", "static-pie"])
+def test_static_programs_need_no_loader(static_programs: dict[str, Path], kind: str) -> None:
+    report = json.loads(rpack("deps", "--json", str(static_programs[kind])).stdout)
+    assert report["interpreter"] is None
+    assert [f["kind"] for f in report["files"]] == ["program"]
+    assert report["missing"] == []
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("kind", ["static", "static-pie"])
+def test_static_programs_run_in_their_root(static_programs: dict[str, Path], kind: str,
+                                           tmp_path: Path) -> None:
+    out = tmp_path / "s.tar.zst"
+    assert rpack("create", str(out), str(static_programs[kind])).returncode == 0
+    assert manifest(out)["platform"]["libc"] == "none"  # type: ignore[index]
+    done = rpack("run", str(out))
+    assert (done.returncode, done.stdout) == (0, "static hello\n"), done.stderr
+
+
+@pytest.mark.root
+def test_entrypoint_chooses_among_packed_programs(tmp_path: Path) -> None:
+    out = tmp_path / "two.tar.zst"
+    created = rpack("create", "--entrypoint", "/bin/echo", str(out), "/bin/sh", "/bin/echo")
+    assert created.returncode == 0, created.stderr
+    assert manifest(out)["entrypoint"] == ["/bin/echo"]
+    assert rpack("run", str(out), "from", "echo").stdout == "from echo\n"
+    done = rpack("run", "--entrypoint", "/bin/sh", str(out), "-c", "echo from sh")
+    assert done.stdout == "from sh\n"
