@@ -83,13 +83,12 @@ def write_archive(out: BinaryIO, manifest: dict[str, Any], members: list[Member]
                   digests: dict[str, str], mtime: int, level: int = 3,
                   threads: int = 0) -> tuple[str, int]:
     """Write the archive to `out`; return the identity (sha256 of the tar) and the tar's size."""
+    # Any thread count >= 1 gives the same bytes; 0 (single-threaded mode) would not.
     params = zstandard.ZstdCompressionParameters.from_level(
         level, threads=threads or os.cpu_count() or 1, write_checksum=True,
         write_content_size=False)
-    if params.window_log > WINDOW_LOG_MAX:
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level, threads=threads or os.cpu_count() or 1, write_checksum=True,
-            write_content_size=False, window_log=WINDOW_LOG_MAX)
+    # Levels up to 22 stay within windowLog 27 unless long mode is asked for, which it is not.
+    assert params.window_log <= WINDOW_LOG_MAX
     compressor = zstandard.ZstdCompressor(compression_params=params)
     with compressor.stream_writer(out, closefd=False, write_size=CHUNK) as zstd_out:
         digesting = _Digesting(zstd_out)

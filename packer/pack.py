@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import shutil
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -299,7 +298,3 @@ def _human(size: int) -> str:
             return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
         value /= 1024
     return f"{size} B"
-
-
-def host_machine() -> str:
-    return platform.machine()

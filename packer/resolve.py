@@ -78,15 +78,16 @@ class Resolver:
 
     def read(self, path: str) -> tuple[Dynamic, tuple[int, int]]:
         try:
-            st = os.stat(self._host(path))
+            st = os.stat(self.host_path(path))
         except OSError as e:
             raise PackError(f"cannot read {path!r}: {e.strerror}") from None
         file_id = (st.st_dev, st.st_ino)
         if file_id not in self._dynamic:
-            self._dynamic[file_id] = read_dynamic(self._host(path))
+            self._dynamic[file_id] = read_dynamic(self.host_path(path))
         return self._dynamic[file_id], file_id
 
-    def _host(self, path: str) -> str:
+    def host_path(self, path: str) -> str:
+        """Where a path the loader would open relative to its CWD is on this host."""
         return os.path.join(self.cwd, path)
 
     def resolve(self, program: str) -> Resolution:
@@ -95,8 +96,8 @@ class Resolver:
         if dynamic.header.e_type not in (ET_EXEC, ET_DYN):
             raise PackError(f"{program!r} is not an executable (ELF type {dynamic.header.e_type})")
         # The kernel takes the program's $ORIGIN from its real path (/proc/self/exe).
-        exe = LoadedObject(program, dynamic, file_id,
-                           os.path.dirname(os.path.realpath(self._host(program))), how="program")
+        origin = os.path.dirname(os.path.realpath(self.host_path(program)))
+        exe = LoadedObject(program, dynamic, file_id, origin, how="program")
         if dynamic.soname:
             exe.names.add(dynamic.soname)
         if dynamic.interp is None:
@@ -120,7 +121,7 @@ class Resolver:
         module's own lists, LD_LIBRARY_PATH, the cache and the default directories are searched.
         """
         dynamic, file_id = self.read(path)
-        module = LoadedObject(path, dynamic, file_id, os.path.dirname(self._host(path)),
+        module = LoadedObject(path, dynamic, file_id, os.path.dirname(self.host_path(path)),
                               how="module")
         if dynamic.soname:
             module.names.add(dynamic.soname)
@@ -219,8 +220,8 @@ class _LinkMap:
 
     def _check(self, candidate: str) -> Check:
         if self.musl:
-            return _check_musl(self.resolver._host(candidate), self.model)
-        return check_candidate(self.resolver._host(candidate), self.model.elf_class,
+            return _check_musl(self.resolver.host_path(candidate), self.model)
+        return check_candidate(self.resolver.host_path(candidate), self.model.elf_class,
                                self.model.machine)
 
     def _fatal(self, candidate: str, check: Check, requester: LoadedObject) -> PackError:

@@ -8,8 +8,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from packer.pack import Options
 
 logger = logging.getLogger("rpack")
 
@@ -32,16 +36,14 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def _common(parser: argparse.ArgumentParser, top: bool) -> None:
-    default = None if top else argparse.SUPPRESS
-    parser.add_argument("-q", "--quiet", action="store_true", default=default or False,
-                        help="only errors")
-    parser.add_argument("-v", "--verbose", action="count", default=default or 0,
+    # Accepted before and after the command; a subcommand's copy must not reset the top's.
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        default=False if top else argparse.SUPPRESS, help="only errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
                         help="say more (twice: debug)")
-    parser.add_argument("--debug", action="store_true", default=default or False,
+    parser.add_argument("--debug", action="store_true",
+                        default=False if top else argparse.SUPPRESS,
                         help="debug output and tracebacks")
-    if not top:
-        for action in parser._actions[-3:]:
-            action.default = argparse.SUPPRESS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--entrypoint", metavar="PATH", help="the default program")
     create.add_argument("--workdir", default="/", metavar="DIR",
                         help="the default working directory")
-    create.add_argument("-l", "--level", type=int, default=3, help="zstd level (default 3)")
+    create.add_argument("-l", "--level", type=int, default=3, choices=range(1, 23),
+                        metavar="LEVEL", help="zstd level, 1 to 22 (default 3)")
     create.add_argument("-T", "--threads", type=int, default=0,
                         help="zstd threads (default: all cores)")
     create.add_argument("archive", metavar="ARCHIVE", help="output file, or - for stdout")
@@ -120,7 +123,7 @@ def _error(message: str, hint: str | None = None) -> None:
         print(f"rpack: hint: {hint}", file=sys.stderr)
 
 
-def _options(args: argparse.Namespace) -> object:
+def _options(args: argparse.Namespace) -> Options:
     from packer.pack import Options
 
     return Options(programs=args.programs, adds=args.add, excludes=args.exclude,
@@ -130,21 +133,17 @@ def _options(args: argparse.Namespace) -> object:
 
 def cmd_create(args: argparse.Namespace) -> int:
     from packer.archive import open_output
-    from packer.pack import Options, create
+    from packer.pack import create
 
-    options = _options(args)
-    assert isinstance(options, Options)
     with open_output(args.archive, args.force) as out:
-        create(options, out, args.level, args.threads)
+        create(_options(args), out, args.level, args.threads)
     return 0
 
 
 def cmd_deps(args: argparse.Namespace) -> int:
-    from packer.pack import Options, collect
+    from packer.pack import collect
 
-    options = _options(args)
-    assert isinstance(options, Options)
-    collection = collect(options)
+    collection = collect(_options(args))
     report = collection.report()
     if args.json:
         json.dump(report, sys.stdout, indent=1)
