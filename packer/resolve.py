@@ -189,11 +189,19 @@ class _LinkMap:
             if name in obj.names or name == obj.dynamic.soname:
                 obj.names.add(name)
                 return
+        self._load(name, requester)
+
+    def _load(self, name: str, requester: LoadedObject) -> None:
+        """Open a name that no loaded object answers to: as written if it has a slash (never
+        searched), else through the search order."""
+        found: tuple[str, str] | None
         if "/" in name:
             check = self._check(name)
-            found = (name, "named by path in DT_NEEDED") if check.verdict is Verdict.OK else None
             if check.verdict is Verdict.FATAL:
                 raise self._fatal(name, check, requester)
+            found = (name, "named by path in DT_NEEDED") if check.verdict is Verdict.OK else None
+        elif self.musl:
+            found = self._search_musl(name, requester)
         else:
             found = self._search(name, requester)
         if found is None:
@@ -314,20 +322,7 @@ class _LinkMap:
             for obj in self._loaded():
                 if os.path.basename(obj.name) == name:
                     return
-        found: tuple[str, str] | None = None
-        if "/" in name:
-            found = (name, "named by path in DT_NEEDED")
-            check = self._check(name)
-            if check.verdict is Verdict.FATAL:
-                raise self._fatal(name, check, requester)
-            if check.verdict is not Verdict.OK:
-                found = None
-        else:
-            found = self._search_musl(name, requester)
-        if found is None:
-            self.result.missing.append(Missing(name, requester.name))
-            return
-        self._add(found[0], name, requester, found[1])
+        self._load(name, requester)
 
     def _search_musl(self, name: str, requester: LoadedObject) -> tuple[str, str] | None:
         lists: list[tuple[list[str], str]] = []
