@@ -60,23 +60,46 @@ def manifest_entries(members: list[Member], digests: dict[str, str]) -> list[dic
     return entries
 
 
-class _Digesting(io.RawIOBase):
-    """Passes the uncompressed tar stream on, hashing it: the archive's identity."""
+class _TarWriter:
+    """Writes pax tar members straight to a sink, hashing the stream: the archive's identity.
+
+    tarfile's stream mode copies every block through its own buffer; writing the headers it
+    builds (TarInfo.tobuf) and the data ourselves keeps large files to one copy per chunk.
+    """
 
     def __init__(self, sink: BinaryIO) -> None:
         self.sink = sink
         self.digest = hashlib.sha256()
         self.size = 0
 
-    def writable(self) -> bool:
-        return True
+    def write(self, data: bytes | memoryview) -> None:
+        self.digest.update(data)
+        self.sink.write(data)
+        self.size += len(data)
 
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self.digest.update(view)
-        self.sink.write(view)
-        self.size += view.nbytes
-        return view.nbytes
+    def add(self, info: tarfile.TarInfo, data: BinaryIO | None = None) -> str:
+        """Write one member; return the sha256 of its data."""
+        self.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        digest = hashlib.sha256()
+        left = info.size
+        while left > 0:
+            assert data is not None
+            chunk = data.read(min(CHUNK, left))
+            if not chunk:
+                raise PackError(f"{getattr(data, 'name', info.name)!r} changed while it was "
+                                "being packed")
+            digest.update(chunk)
+            self.write(chunk)
+            left -= len(chunk)
+        if info.size % tarfile.BLOCKSIZE:
+            self.write(tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        # Two zero blocks end the archive; the whole is padded to a record, as tar does.
+        self.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        if self.size % tarfile.RECORDSIZE:
+            self.write(tarfile.NUL * (tarfile.RECORDSIZE - self.size % tarfile.RECORDSIZE))
 
 
 def write_archive(out: BinaryIO, manifest: dict[str, Any], members: list[Member],
@@ -91,15 +114,14 @@ def write_archive(out: BinaryIO, manifest: dict[str, Any], members: list[Member]
     assert params.window_log <= WINDOW_LOG_MAX
     compressor = zstandard.ZstdCompressor(compression_params=params)
     with compressor.stream_writer(out, closefd=False, write_size=CHUNK) as zstd_out:
-        digesting = _Digesting(zstd_out)
-        with tarfile.open(fileobj=digesting, mode="w|", format=tarfile.PAX_FORMAT,
-                          bufsize=CHUNK) as tar:
-            data = json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False).encode()
-            tar.addfile(_tarinfo(MANIFEST_PATH, tarfile.REGTYPE, 0o644, mtime, len(data)),
-                        io.BytesIO(data))
-            for m in members:
-                _add(tar, m, digests)
-    return digesting.digest.hexdigest(), digesting.size
+        tar = _TarWriter(zstd_out)
+        data = json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False).encode()
+        tar.add(_tarinfo(MANIFEST_PATH, tarfile.REGTYPE, 0o644, mtime, len(data)),
+                io.BytesIO(data))
+        for m in members:
+            _add(tar, m, digests)
+        tar.close()
+    return tar.digest.hexdigest(), tar.size
 
 
 def _tarinfo(name: str, kind: bytes, mode: int, mtime: int, size: int = 0,
@@ -115,42 +137,22 @@ def _tarinfo(name: str, kind: bytes, mode: int, mtime: int, size: int = 0,
     return info
 
 
-def _add(tar: tarfile.TarFile, m: Member, digests: dict[str, str]) -> None:
+def _add(tar: _TarWriter, m: Member, digests: dict[str, str]) -> None:
     assert m.mtime is not None
     info = _tarinfo(m.path, _TYPES[m.type], m.mode, m.mtime, m.size, m.target)
     if m.type != "file":
-        tar.addfile(info)
-        return
-    if m.data is not None:
-        tar.addfile(info, io.BytesIO(m.data))
-        return
-    assert m.source is not None
-    try:
-        with open(m.source, "rb") as f:
-            checked = _Checked(f, m.size)
-            tar.addfile(info, checked)
-    except OSError as e:
-        raise PackError(f"cannot read {m.source!r}: {e.strerror}") from None
-    if checked.digest.hexdigest() != digests[m.path] or checked.read_size != m.size:
-        raise PackError(f"{m.source!r} changed while it was being packed")
-
-
-class _Checked:
-    """Reads a source file for tarfile, hashing what it hands over."""
-
-    def __init__(self, f: BinaryIO, size: int) -> None:
-        self.f = f
-        self.digest = hashlib.sha256()
-        self.read_size = 0
-        self.size = size
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.digest.update(data)
-        self.read_size += len(data)
-        if len(data) < n and self.read_size < self.size:
-            raise PackError(f"{self.f.name!r} changed while it was being packed")
-        return data
+        tar.add(info)
+    elif m.data is not None:
+        tar.add(info, io.BytesIO(m.data))
+    else:
+        assert m.source is not None
+        try:
+            with open(m.source, "rb") as f:
+                digest = tar.add(info, f)
+        except OSError as e:
+            raise PackError(f"cannot read {m.source!r}: {e.strerror}") from None
+        if digest != digests[m.path]:
+            raise PackError(f"{m.source!r} changed while it was being packed")
 
 
 @contextlib.contextmanager
