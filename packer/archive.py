@@ -165,8 +165,12 @@ def open_output(path: str, force: bool) -> Iterator[BinaryIO]:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
-    if os.path.lexists(path) and not force:
-        raise PackError(f"{path!r} already exists", hint="use -f to overwrite it")
+    if os.path.lexists(path):
+        if not force:
+            raise PackError(f"{path!r} already exists", hint="use -f to overwrite it")
+        if not os.path.isfile(path) or os.path.islink(path):
+            raise PackError(f"{path!r} is not a regular file; -f replaces only archives",
+                            hint="write to standard output with - and redirect it instead")
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, temporary = tempfile.mkstemp(prefix=".rpack-", suffix=".part", dir=directory)

@@ -89,7 +89,6 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
     items: dict[str, Item] = {}
     programs = [find_program(p, cwd) for p in options.programs]
     resolutions: list[Resolution] = []
-    missing: list[Missing] = []
 
     def note(path: str, source: str | None, kind: str, why: str) -> None:
         items.setdefault(path, Item(path, source, kind, why))
@@ -110,11 +109,11 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
             if module is not None:
                 resolutions.append(module)
                 _place_resolution(plan, module, note)
-    for resolution in resolutions:
-        missing += resolution.missing
-        for dropped in resolution.dropped:
-            logger.warning("DT_NEEDED %s is skipped by the loader: $ORIGIN is unknown", dropped)
+    missing = _missing(resolutions, module_count=len(resolutions) - len(programs))
+    for dropped in sorted({d for r in resolutions for d in r.dropped}):
+        logger.warning("DT_NEEDED %s is skipped by the loader: $ORIGIN is unknown", dropped)
     _check_missing(missing, options.allow_missing)
+    _check_defaults(plan, options, programs)
     model = next((r.model for r in resolutions if r.model is not None), None)
     if model is not None and model.libc == "glibc":
         data = _root_cache(plan, resolutions, model)
@@ -184,6 +183,36 @@ def _elf_module(resolver: Resolver, path: str, resolutions: list[Resolution]) ->
     return resolver.resolve_module(path, model)
 
 
+def _missing(resolutions: list[Resolution], module_count: int) -> list[Missing]:
+    """Every library that cannot be found, once.
+
+    XXX: the ELF files of added trees are loaded at run time by a process that has already
+    mapped other objects; like the loader (R11), a name that a packed object answers to by
+    its DT_SONAME counts as found for them, though no search would find it.
+    """
+    first_module = len(resolutions) - module_count
+    provided = {name for r in resolutions for obj in r.objects for name in obj.names}
+    provided |= {obj.dynamic.soname for r in resolutions for obj in r.objects
+                 if obj.dynamic.soname}
+    missing: dict[tuple[str, str], Missing] = {}
+    for index, resolution in enumerate(resolutions):
+        for m in resolution.missing:
+            if index >= first_module and m.name in provided:
+                logger.debug("%s: %s is provided by a packed object", m.needed_by, m.name)
+                continue
+            missing.setdefault((m.name, m.needed_by), m)
+    return list(missing.values())
+
+
+def _check_defaults(plan: Plan, options: Options, programs: list[str]) -> None:
+    if not options.workdir.startswith("/"):
+        raise PackError(f"--workdir {options.workdir!r} is not an absolute path")
+    entrypoint = options.entrypoint
+    if entrypoint is not None and entrypoint not in programs and not plan.resolves(entrypoint):
+        raise PackError(f"--entrypoint {entrypoint!r} is not in the archive",
+                        hint="name a packed program, or add it as a PROGRAM")
+
+
 def _check_missing(missing: list[Missing], allow: bool) -> None:
     for m in missing:
         message = f"library {m.name!r} needed by {m.needed_by} cannot be found"
@@ -214,7 +243,27 @@ def _root_cache(plan: Plan, resolutions: list[Resolution], model: LoaderModel) -
                 entries.append(entry)
     from rpack import __version__
 
+    entries += _environment_entries(plan, resolutions, model)
     return ldcache.build_cache(entries, generator=f"rpack {__version__}")
+
+
+def _environment_entries(plan: Plan, resolutions: list[Resolution],
+                         model: LoaderModel) -> list[ldcache.CacheEntry]:
+    """Cache entries for libraries found through LD_LIBRARY_PATH (given with --env): the root
+    must work without any variable, under a plain chroot too (format.md section 3)."""
+    flags = model.cache_flags if model.cache_flags is not None else 0x0003
+    entries = {}
+    for resolution in resolutions:
+        for obj in resolution.libraries:
+            if obj.how != "LD_LIBRARY_PATH" or not obj.name.startswith("/"):
+                continue
+            key = obj.dynamic.soname or os.path.basename(obj.name)
+            for path in (obj.name, *_hwcaps_variants(obj, model)):
+                parent = os.path.basename(os.path.dirname(os.path.dirname(path)))
+                subdir = os.path.basename(os.path.dirname(path)) \
+                    if parent == "glibc-hwcaps" else None
+                entries[path] = ldcache.CacheEntry(key, path, flags, 0, subdir)
+    return list(entries.values())
 
 
 def _musl_path_file(plan: Plan, model: LoaderModel, note: Any) -> None:
@@ -278,8 +327,7 @@ class Written:
 def create(options: Options, out: BinaryIO, level: int = 3, threads: int = 0) -> Written:
     """Pack the programs of `options` into `out`."""
     collection = collect(options)
-    epoch_text = os.environ.get("SOURCE_DATE_EPOCH")
-    epoch = int(epoch_text) if epoch_text and epoch_text.isdigit() else None
+    epoch = source_date_epoch()
     members = collection.plan.finish(epoch)
     mtime = max((m.mtime for m in members if m.mtime is not None), default=0)
     digests = hash_sources(members)
@@ -289,6 +337,18 @@ def create(options: Options, out: BinaryIO, level: int = 3, threads: int = 0) ->
                 len(collection.programs), len(members) + 1,
                 _human(manifest["totals"]["bytes"]), identity)
     return Written(identity, size, len(members) + 1)
+
+
+def source_date_epoch() -> int | None:
+    """SOURCE_DATE_EPOCH, which clamps every time stamp (reproducible-builds.org)."""
+    text = os.environ.get("SOURCE_DATE_EPOCH")
+    if text is None:
+        return None
+    # A tar header holds 11 octal digits; a larger time would need a pax record.
+    if not text.isdigit() or int(text) >= 8**11:
+        raise PackError(f"SOURCE_DATE_EPOCH={text!r} is not a time in seconds since 1970",
+                        hint="set it to a whole number such as $(git log -1 --format=%ct)")
+    return int(text)
 
 
 def _human(size: int) -> str:

@@ -8,11 +8,15 @@ import os
 import stat
 from dataclasses import dataclass
 
+from unpacker.limits import Limits
+from unpacker.names import PathError, check_symlink_target, normalize
+
 from .errors import PackError
 
 logger = logging.getLogger(__name__)
 
 MAX_HOPS = 40   # the kernel's limit on symbolic links followed in one lookup
+_LIMITS = Limits()
 
 
 @dataclass
@@ -118,7 +122,7 @@ class Plan:
             return []
         visited.add(top)
         files = []
-        for parent, dirs, names in os.walk("/" + top):
+        for parent, dirs, names in os.walk("/" + top, onerror=_walk_error):
             real_parent = parent[1:]
             if self.excluded(real_parent):
                 dirs[:] = []
@@ -152,6 +156,31 @@ class Plan:
                 files.append(member)
         return files
 
+    def resolves(self, path: str) -> bool:
+        """Whether `path` leads to a file of the planned root, following its symlinks."""
+        pending = path.split("/")
+        current = ""
+        for _ in range(MAX_HOPS * 64):
+            if not pending:
+                member = self.members.get(current)
+                return member is not None and member.type in ("file", "hardlink")
+            component = pending.pop(0)
+            if component in ("", "."):
+                continue
+            if component == "..":
+                current = os.path.dirname(current)
+                continue
+            member = self.members.get(_join(current, component))
+            if member is None:
+                return False
+            if member.type == "symlink":
+                if member.target.startswith("/"):
+                    current = ""
+                pending = member.target.split("/") + pending
+            else:
+                current = member.path
+        return False
+
     def add_generated(self, path: str, data: bytes, origin: str, mode: int = 0o644) -> None:
         parent = os.path.dirname(path)
         if parent and parent not in self.members:
@@ -169,6 +198,7 @@ class Plan:
     def _file(self, member: str, source: str, origin: str) -> None:
         if member in self.members:
             return
+        _check_name(member, is_dir=False)
         try:
             st = os.stat(source)
         except OSError as e:
@@ -182,11 +212,13 @@ class Plan:
 
     def _symlink(self, member: str, target: str, st: os.stat_result, origin: str) -> None:
         if member not in self.members:
+            _check_name(member, is_dir=False, target=target)
             self.members[member] = Member(member, "symlink", 0o777, int(st.st_mtime),
                                           target=target, origin=origin)
 
     def _dir(self, member: str, st: os.stat_result, origin: str) -> None:
         if member and member not in self.members:
+            _check_name(member, is_dir=True)
             self.members[member] = Member(member, "dir", stat.S_IMODE(st.st_mode),
                                           int(st.st_mtime), origin=origin)
 
@@ -197,13 +229,38 @@ class Plan:
         when = epoch if epoch is not None else newest
         first: dict[tuple[int, int], str] = {}
         for m in members:
-            m.mtime = when if m.mtime is None else min(m.mtime, when)
+            # Times before 1970 would need a pax record; the format stores none.
+            m.mtime = when if m.mtime is None else max(0, min(m.mtime, when))
             if m.type == "file" and m.file_id is not None:
                 if m.file_id in first:
                     m.type, m.target, m.size = "hardlink", first[m.file_id], 0
                 else:
                     first[m.file_id] = m.path
         return members
+
+
+def _check_name(member: str, is_dir: bool, target: str | None = None) -> None:
+    """Refuse a name the archive's readers would refuse (the reader's own rules)."""
+    try:
+        normalize(member, _is_utf8(member), is_dir, _LIMITS)
+        if target is not None:
+            check_symlink_target(target, _is_utf8(target))
+    except PathError as e:
+        shown = member.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise PackError(f"cannot pack '/{shown}': {e}",
+                        hint="leave it out with --exclude") from None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _walk_error(error: OSError) -> None:
+    raise PackError(f"cannot read {error.filename!r}: {error.strerror}")
 
 
 def _join(directory: str, name: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -81,6 +82,8 @@ class Resolver:
             st = os.stat(self.host_path(path))
         except OSError as e:
             raise PackError(f"cannot read {path!r}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise PackError(f"{path!r} is not a regular file")
         file_id = (st.st_dev, st.st_ino)
         if file_id not in self._dynamic:
             self._dynamic[file_id] = read_dynamic(self.host_path(path))

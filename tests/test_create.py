@@ -254,3 +254,89 @@ def test_entrypoint_chooses_among_packed_programs(tmp_path: Path) -> None:
     assert rpack("run", str(out), "from", "echo").stdout == "from echo\n"
     done = rpack("run", "--entrypoint", "/bin/sh", str(out), "-c", "echo from sh")
     assert done.stdout == "from sh\n"
+
+
+def test_create_refuses_to_replace_what_is_not_an_archive(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    done = rpack("create", "-f", str(fifo), "/bin/sh")
+    assert done.returncode == 1 and "not a regular file" in done.stderr
+    assert fifo.is_fifo()
+    program = rpack("create", str(tmp_path / "x.tar.zst"), str(fifo))
+    assert program.returncode == 1 and "not a regular file" in program.stderr
+
+
+@pytest.mark.parametrize("name", [b"bad\xffname", b"bad\x01name"])
+def test_names_the_reader_would_refuse_are_refused_at_create(tmp_path: Path,
+                                                             name: bytes) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with open(os.fsencode(tree) + b"/" + name, "w"):
+        pass
+    done = rpack("create", "--add", str(tree), str(tmp_path / "x.tar.zst"), "/bin/sh")
+    assert done.returncode == 1
+    assert done.stderr.startswith("rpack: error: cannot pack") and "Traceback" not in done.stderr
+    assert "--exclude" in done.stderr
+    assert not (tmp_path / "x.tar.zst").exists()
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--entrypoint", "/not/packed"], "not in the archive"),
+    (["--workdir", "relative"], "not an absolute path"),
+])
+def test_defaults_that_could_not_run_are_refused(tmp_path: Path, option: list[str],
+                                                 message: str) -> None:
+    done = rpack("create", *option, str(tmp_path / "x.tar.zst"), "/bin/sh")
+    assert done.returncode == 1 and message in done.stderr
+
+
+@pytest.mark.parametrize("epoch", ["abc", "-5", "99999999999999999999"])
+def test_bad_source_date_epoch_is_refused(tmp_path: Path, epoch: str) -> None:
+    done = rpack("create", str(tmp_path / "x.tar.zst"), "/bin/sh",
+                 env={"SOURCE_DATE_EPOCH": epoch})
+    assert done.returncode == 1 and "SOURCE_DATE_EPOCH" in done.stderr
+
+
+def test_usage_errors_are_one_line_and_exit_2() -> None:
+    done = rpack("create", "--env", "NOEQUALS", "x.tar.zst", "/bin/sh")
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0].startswith("rpack: error: ")
+    assert all(line.startswith("rpack: ") for line in done.stderr.splitlines())
+
+
+def test_added_modules_count_a_packed_soname_as_loaded(tmp_path: Path) -> None:
+    # Like a JDK: lib/libjava.so needs libjvm.so, which sits in lib/server/ on no search path
+    # and is loaded by path before libjava.so at run time (loader.md R11).
+    tree = tmp_path / "jdk"
+    (tree / "lib" / "server").mkdir(parents=True)
+    (tmp_path / "a.c").write_text("int a(void) { return 1; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tree / "lib/server/libjvm.so"),
+                    "-Wl,-soname,libjvm.so", str(tmp_path / "a.c")], check=True)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tree / "lib/libjava.so"),
+                    str(tmp_path / "a.c"), "-Wl,--no-as-needed",
+                    str(tree / "lib/server/libjvm.so"), "-Wl,-rpath,$ORIGIN"], check=True)
+    done = rpack("deps", "--json", "--add", str(tree), "/bin/sh")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["missing"] == []
+
+
+@pytest.mark.root
+def test_library_path_given_with_env_works_without_it(tmp_path: Path) -> None:
+    # format.md section 3: the loader finds every packed library with no variable set.
+    (tmp_path / "llp").mkdir()
+    (tmp_path / "l.c").write_text("int l(void) { return 0; }\n")
+    (tmp_path / "m.c").write_text("int l(void);\nint main(void) { return l(); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "llp/libl.so.1"),
+                    "-Wl,-soname,libl.so.1", str(tmp_path / "l.c")], check=True)
+    subprocess.run(["gcc", "-o", str(tmp_path / "prog"), str(tmp_path / "m.c"),
+                    "-Wl,--no-as-needed", str(tmp_path / "llp/libl.so.1")], check=True)
+    out = tmp_path / "p.tar.zst"
+    created = rpack("create", "--env", f"LD_LIBRARY_PATH={tmp_path}/llp", str(out),
+                    str(tmp_path / "prog"))
+    assert created.returncode == 0, created.stderr
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["tar", "--zstd", "-xf", str(out), "-C", str(root)], check=True)
+    done = subprocess.run(["chroot", str(root), str(tmp_path / "prog")], capture_output=True,
+                          text=True, env={"PATH": "/usr/sbin:/usr/bin"})
+    assert done.returncode == 0, done.stderr
