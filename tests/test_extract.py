@@ -5,6 +5,8 @@ import json
 import os
 import re
 import stat
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -14,130 +16,41 @@ from typing import Any
 
 import pytest
 import zstandard
+from archives import (
+    HOST_PLATFORM,
+    MTIME,
+    Member,
+    Raw,
+    archive,
+    directory,
+    encode,
+    entries,
+    file,
+    file_entry,
+    hardlink,
+    info,
+    manifest,
+    manifest_member,
+    pad,
+    pax_header,
+    pax_records,
+    raw_header,
+    snapshot,
+    symlink,
+    tar,
+    zst,
+)
 
-from unpacker import Limits, UnpackError, extract
+from unpacker import Limits, UnpackError, extract, verify
 from unpacker.dirfd import clear_directory
 from unpacker.format import FORMAT, MANIFEST_PATH
 
 NOBODY = 65534
-MTIME = 1_700_000_000
 LD_SO = "/lib/x86_64-linux-gnu/ld.so"
-
-Member = tuple[tarfile.TarInfo, bytes]
-
-
-# --- building archives -----------------------------------------------------------------------
-
-
-def info(name: str, kind: bytes = tarfile.REGTYPE, *, mode: int = 0o644, linkname: str = "",
-         mtime: float = MTIME, pax: dict[str, str] | None = None) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.type, ti.mode, ti.linkname, ti.mtime = kind, mode, linkname, mtime
-    ti.pax_headers = pax or {}
-    return ti
-
-
-def file(name: str, data: bytes = b"", mode: int = 0o644, **kw: Any) -> Member:
-    return info(name, mode=mode, **kw), data
-
-
-def directory(name: str, mode: int = 0o755) -> Member:
-    return info(name, tarfile.DIRTYPE, mode=mode), b""
-
-
-def symlink(name: str, target: str) -> Member:
-    return info(name, tarfile.SYMTYPE, mode=0o777, linkname=target), b""
-
-
-def hardlink(name: str, target: str) -> Member:
-    return info(name, tarfile.LNKTYPE, linkname=target), b""
-
-
-def pad(data: bytes) -> bytes:
-    return data + bytes(-len(data) % 512)
-
-
-def encode(member: Member, fmt: int = tarfile.PAX_FORMAT) -> bytes:
-    ti, data = member
-    if ti.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
-        ti.size = len(data)
-    return ti.tobuf(fmt, "utf-8", "surrogateescape") + pad(data)
-
-
-def raw_header(name: bytes, typeflag: bytes, size: int = 0, *, linkname: bytes = b"",
-               size_field: bytes | None = None, mtime_field: bytes | None = None) -> bytes:
-    """One ustar header block written by hand, for what tarfile will not write."""
-    block = bytearray(512)
-    block[0 : len(name)] = name
-    block[100:108] = b"0000644\0"
-    block[108:124] = b"0000000\0" * 2
-    block[124:136] = size_field or b"%011o\0" % size
-    block[136:148] = mtime_field or b"%011o\0" % MTIME
-    block[148:156] = b" " * 8
-    block[156:157] = typeflag
-    block[157 : 157 + len(linkname)] = linkname
-    block[257:265] = b"ustar\x0000"
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
-
-
-def pax_records(**records: str) -> bytes:
-    out = b""
-    for key, value in records.items():
-        body = f" {key}={value}\n".encode()
-        length = len(body) + 1
-        while len(str(length)) + len(body) != length:
-            length += 1
-        out += str(length).encode() + body
-    return out
-
-
-def pax_header(records: bytes, typeflag: bytes = b"x", name: bytes = b"././@PaxHeader") -> bytes:
-    return raw_header(name, typeflag, len(records)) + pad(records)
-
-
-def manifest(**extra: Any) -> dict[str, Any]:
-    return {"format": FORMAT, "entrypoint": ["/bin/sh"], **extra}
-
-
-def manifest_member(obj: Any = None) -> bytes:
-    data = json.dumps(manifest() if obj is None else obj, sort_keys=True).encode()
-    return encode(file(MANIFEST_PATH, data))
-
-
-def tar(*members: Member | bytes, head: bytes | None = None, end: bytes = bytes(1024)) -> bytes:
-    """A tar stream: the manifest (unless `head` replaces it), the members, the end marker."""
-    body = [m if isinstance(m, bytes) else encode(m) for m in members]
-    return (manifest_member() if head is None else head) + b"".join(body) + end
-
-
-def zst(raw: bytes, **kw: Any) -> bytes:
-    return zstandard.ZstdCompressor(write_checksum=True, **kw).compress(raw)
-
-
-def archive(*members: Member | bytes, **kw: Any) -> bytes:
-    return zst(tar(*members, **kw))
+root_only = pytest.mark.skipif(os.getuid() != 0, reason="needs root (uid 65534, chown, mount)")
 
 
 # --- checking results ------------------------------------------------------------------------
-
-
-def snapshot(root: Path, skip: Path) -> dict[str, tuple[Any, ...]]:
-    """Everything below `root` except `skip`: modes, mtimes, link counts, contents, targets."""
-    seen: dict[str, tuple[Any, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if Path(dirpath, d) != skip]
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                content: Any = os.readlink(path)
-            elif stat.S_ISREG(st.st_mode):
-                content = Path(path).read_bytes()
-            else:
-                content = None
-            seen[path] = (st.st_mode, st.st_mtime_ns, st.st_nlink, content)
-    return seen
 
 
 def tree(root: Path) -> dict[str, tuple[str, int, Any]]:
@@ -159,12 +72,20 @@ def tree(root: Path) -> dict[str, tuple[str, int, Any]]:
 
 def refuse(data: bytes, dest: Path, member: str | None, match: str,
            limits: Limits | None = None) -> UnpackError:
-    """Extract `data`, expecting a refusal that names `member`, and no trace left anywhere."""
+    """Extract `data`, expecting a refusal that names `member`, and no trace left anywhere.
+
+    `verify` must refuse it with the same message, writing nothing at all.
+    """
     before = snapshot(dest.parent, dest)
     with pytest.raises(UnpackError) as caught:
         extract(io.BytesIO(data), dest, limits=limits)
     error = caught.value
     message = str(error)
+    everything = snapshot(dest.parent, dest.parent / "-")
+    with pytest.raises(UnpackError) as verified:
+        verify(io.BytesIO(data), limits=limits)
+    assert str(verified.value) == message
+    assert snapshot(dest.parent, dest.parent / "-") == everything
     assert error.member == member, message
     if error.member is not None:
         assert message.startswith(f"member {error.member!r}: "), message
@@ -262,13 +183,12 @@ EXPECTED: dict[str, tuple[str, int, Any]] = {
 
 
 def rootfs_archive() -> bytes:
-    entries = [{"path": ti.name.rstrip("/"), "type": "x"} for ti, _ in ROOTFS]
-    return zst(tar(*ROOTFS, head=manifest_member(manifest(entries=entries))))
+    return zst(tar(*ROOTFS))
 
 
 def check_rootfs(dest: Path, result: dict[str, Any]) -> None:
     assert result["format"] == FORMAT and result["entrypoint"] == ["/bin/sh"]
-    assert len(result["entries"]) == len(ROOTFS)
+    assert len(result["entries"]) == len(ROOTFS) - 1  # all but the "./" entry
     found = tree(dest)
     assert json.loads(found.pop(MANIFEST_PATH)[2]) == result
     expected = dict(EXPECTED)
@@ -289,8 +209,10 @@ def test_rootfs_extracts_exactly(dest: Path, host: Path, caplog: pytest.LogCaptu
 
 
 def test_gnu_style_dot_slash_names(dest: Path) -> None:
-    data = archive(file("./usr/bin/x", b"x"), hardlink("./usr/bin/y", "./usr/bin/x"),
-                   directory("./"), head=encode(directory("./")) + manifest_member())
+    members = [file("./usr/bin/x", b"x"), hardlink("./usr/bin/y", "./usr/bin/x"),
+               directory("./")]
+    head = encode(directory("./")) + manifest_member(manifest(entries(members)))
+    data = archive(*members, head=head)
     extract(io.BytesIO(data), dest)
     assert (dest / "usr/bin/y").read_bytes() == b"x"
     assert (dest / "usr/bin/x").stat().st_nlink == 2
@@ -306,14 +228,17 @@ def test_mtime_clamped(dest: Path) -> None:
     data = archive(
         file("negative", pax={"mtime": "-5"}),
         file("fraction", pax={"mtime": "1234.75"}),
-        raw_header(b"huge", b"0", mtime_field=b"\x80" + b"\xff" * 11),
+        Raw(raw_header(b"huge", b"0", mtime_field=b"\x80" + b"\xff" * 11), file_entry("huge")),
         file("nonsense", pax={"mtime": "1e400"}),
+        file("nan", pax={"mtime": "nan"}),
+        file("minus-e20", pax={"mtime": "-1e20"}),
     )
     extract(io.BytesIO(data), dest)
     assert (dest / "negative").stat().st_mtime == 0
     assert (dest / "fraction").stat().st_mtime == 1234
     assert (dest / "huge").stat().st_mtime == 2**32 - 1
-    assert (dest / "nonsense").stat().st_mtime == MTIME
+    for ignored in ("nonsense", "nan", "minus-e20"):
+        assert (dest / ignored).stat().st_mtime == MTIME
 
 
 def test_non_seekable_source(dest: Path) -> None:
@@ -467,6 +392,143 @@ def test_manifest_too_large(dest: Path) -> None:
     refuse(zst(head), dest, MANIFEST_PATH, r"manifest larger than 16777216 bytes")
 
 
+def test_tar_cut_at_a_member_boundary(dest: Path) -> None:
+    # Case B11: a complete, checksummed frame around a tar that lost its last members.
+    members = [file("a", b"a"), directory("d"), file("d/b", b"b"), symlink("d/c", "b")]
+    head = manifest_member(manifest(entries(members)))
+    refuse(archive(*members[:2], head=head), dest, None,
+           r"^manifest lists 2 entries not present in the archive \(the first is 'd/b'\)$")
+    refuse(archive(*members[:2], head=head, end=b""), dest, None,
+           r"^truncated archive \(no end-of-archive marker\)$")
+
+
+def test_size_beyond_the_data(dest: Path) -> None:
+    # Case B14: the header claims more data than the stream holds before its end.
+    member = Raw(raw_header(b"big", b"0", 10_000) + bytes(512), file_entry("big", bytes(10_000)))
+    refuse(archive(member, end=b""), dest, "big", r": truncated archive \(member data cut short\)$")
+
+
+def manifest_with(members: list[Member], **changes: Any) -> bytes:
+    """The faithful manifest of `members`, with the last entry's fields changed."""
+    listed = entries(members)
+    listed[-1].update(changes)
+    listed[-1] = {key: value for key, value in listed[-1].items() if value is not None}
+    return manifest_member(manifest(listed))
+
+
+@pytest.mark.parametrize(
+    ("member", "changes", "match"),
+    [
+        (file("f", b"data"), {"type": "dir", "size": None, "sha256": None},
+         r"type file differs from the manifest's dir"),
+        (file("f", b"data", 0o4755), {"mode": 0o755},
+         r"mode 4755 differs from the manifest's 0755"),
+        (file("f", b"data"), {"size": 5}, r"size 4 differs from the manifest's 5"),
+        (symlink("s", "/etc/passwd"), {"target": "/etc/group"},
+         r"link target '/etc/passwd' differs from the manifest's '/etc/group'"),
+        (hardlink("h", "a"), {"target": "b"}, r"link target 'a' differs from the manifest's 'b'"),
+        (file("f", b"data"), {"sha256": "0" * 64},
+         r"checksum mismatch \(sha256 3a6eb079\w{56}, the manifest says 0{64}\)$"),
+        (file("f", b"data"), {"path": "g"}, r"unexpected member \(not in the manifest\)"),
+    ],
+    ids=["type", "mode", "size", "target", "hardlink-target", "sha256", "unexpected"],
+)
+def test_member_differs_from_manifest(dest: Path, member: Member, changes: dict[str, Any],
+                                      match: str) -> None:
+    members = [file("a", b"a"), file("b", b"b"), member]
+    name = member[0].name
+    refuse(archive(*members, file("z", b"later"), head=manifest_with(members, **changes)), dest,
+           name, match)
+
+
+def test_checksum_checked_as_data_streams(dest: Path) -> None:
+    # Case H83 on a member big enough to be written in several chunks before the mismatch shows.
+    members = [file("usr/bin/prog", os.urandom(3 << 20), 0o755)]
+    head = manifest_with(members, sha256="f" * 64)
+    refuse(archive(*members, head=head), dest, "usr/bin/prog", r"^member 'usr/bin/prog': checksum")
+
+
+def test_member_not_in_manifest(dest: Path) -> None:
+    # Case H84: the manifest is faithful except that it leaves one member out.
+    members = [file("a", b"a"), file("x", b"hidden"), file("z", b"z")]
+    head = manifest_member(manifest(entries([members[0], members[2]])))
+    refuse(archive(*members, head=head), dest, "x", r"unexpected member \(not in the manifest\)")
+
+
+def test_members_out_of_manifest_order(dest: Path) -> None:
+    members = [file("a", b"a"), file("b", b"b")]
+    head = manifest_member(manifest(entries(members[::-1])))
+    refuse(archive(*members, head=head), dest, "a", r"out of manifest order \('b' comes next\)")
+
+
+def test_manifest_lists_a_member_once(dest: Path) -> None:
+    members = [directory("d"), directory("d", 0o700)]
+    head = manifest_member(manifest(entries(members[:1])))
+    refuse(archive(*members, head=head), dest, "d/",
+           r"out of manifest order \(all its entries were seen\)")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"entries": None}, r"'entries' is not a list"),
+        ({"entries": [{"path": "a"}]}, r"entry 'a': unknown type 'None'"),
+        ({"entries": [{"path": "a", "type": []}]}, r"entry 'a': unknown type '\[\]'"),
+        ({"entries": [["a"]]}, r"entry 0 is not an object with a 'path'"),
+        ({"entries": [{"path": "a", "type": "dir", "mode": True}]}, r"'mode' is not a number"),
+        ({"entries": [{"path": "a", "type": "dir", "mode": 0o10000}]}, r"'mode' is not a number"),
+        ({"entries": [{"path": "a", "type": "file", "mode": 420, "size": -1, "sha256": "0" * 64}]},
+         r"'size' is not a number of bytes"),
+        ({"entries": [{"path": "a", "type": "file", "mode": 420, "size": 0, "sha256": "A" * 64}]},
+         r"'sha256' is not 64 lowercase hex digits"),
+        ({"entries": [{"path": "a", "type": "symlink", "mode": 511}]}, r"'target' is not a string"),
+        ({"platform": None}, r"'platform' is not an object"),
+        ({"platform": {**HOST_PLATFORM, "elf_class": 16}}, r"'elf_class' is not 32 or 64"),
+        ({"platform": {**HOST_PLATFORM, "min_kernel": "new"}}, r"'min_kernel' is not a version"),
+        ({"totals": {"entries": 1, "bytes": 0}}, r"'totals' do not match the entries \(0 entries"),
+    ],
+)
+def test_invalid_manifest_schema(dest: Path, change: dict[str, Any], match: str) -> None:
+    obj = manifest()
+    obj.update(change)
+    obj = {key: value for key, value in obj.items() if value is not None}
+    refuse(archive(head=manifest_member(obj)), dest, MANIFEST_PATH,
+           r"invalid manifest \(.*" + match)
+
+
+# --- the platform ----------------------------------------------------------------------------
+
+HOST = f"{os.uname().machine} ({HOST_PLATFORM['elf_class']}-bit, {sys.byteorder}-endian)"
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"machine": "aarch64"}, rf"^archive is for aarch64 \(64-bit, little-endian\), this host "
+                                 rf"is {re.escape(HOST)}$"),
+        ({"elf_class": 32}, r"^archive is for \S+ \(32-bit, little-endian\), this host is "),
+        ({"endian": "big"}, r"^archive is for \S+ \(64-bit, big-endian\), this host is "),
+        ({"min_kernel": "999.1"},
+         rf"^archive needs linux 999\.1 or later, this host runs {re.escape(os.uname().release)}$"),
+    ],
+    ids=["machine", "elf-class", "endian", "kernel"],
+)
+def test_platform_refused(dest: Path, change: dict[str, Any], match: str) -> None:
+    members = [file("a", b"a")]
+    data = archive(*members, head=manifest_member(manifest(
+        entries(members), platform={**HOST_PLATFORM, **change})))
+    refuse(data, dest, None, match)
+    assert verify(io.BytesIO(data), check_platform=False).members == 2
+
+
+def test_platform_allowed(dest: Path) -> None:
+    members = [file("a", b"a")]
+    for change in ({"min_kernel": None}, {"min_kernel": "2.6"}, {"libc": "musl"}):
+        data = archive(*members, head=manifest_member(manifest(
+            entries(members), platform={**HOST_PLATFORM, **change})))
+        assert verify(io.BytesIO(data)).members == 2
+
+
 # --- names -----------------------------------------------------------------------------------
 
 
@@ -525,6 +587,12 @@ def test_non_utf8_name(dest: Path, fmt: int) -> None:
 )
 def test_over_long(dest: Path, name: str, match: str) -> None:
     refuse(archive(file(name)), dest, name, match)
+
+
+def test_names_differing_in_case(dest: Path) -> None:
+    # Case C35 on a case-sensitive filesystem; on a casefolded one O_EXCL turns it into EEXIST.
+    extract(io.BytesIO(archive(file("Lib/x", b"x"), file("lib/y", b"y"))), dest)
+    assert sorted(os.listdir(dest)) == [".rpack", "Lib", "lib"]
 
 
 # --- links, duplicates, the tree model -------------------------------------------------------
@@ -675,7 +743,7 @@ def test_pax_header_too_large(dest: Path) -> None:
 )
 def test_pax_parsing_is_linear(dest: Path, records: bytes) -> None:
     # CVE-2024-6232: 80 kB of digits took 5.6 s in Python 3.11.7's own tarfile parser.
-    data = archive(pax_header(records) + raw_header(b"a", b"0"), file("b"))
+    data = archive(Raw(pax_header(records) + raw_header(b"a", b"0"), file_entry("a")), file("b"))
     started = time.monotonic()
     try:
         extract(io.BytesIO(data), dest)
@@ -713,10 +781,11 @@ def test_bad_header_checksum(dest: Path) -> None:
     [
         (Limits(max_members=3), [file("a"), file("b"), file("c")], "c",
          r"too many members \(limit max_members = 3\)"),
-        (Limits(max_member_size=100), [file("a", bytes(101))], "a",
-         r"size 101 exceeds limit max_member_size \(100\)"),
-        (Limits(max_total_bytes=1000), [file("a", bytes(600)), file("b", bytes(600))], "b",
-         r"total size exceeds limit max_total_bytes \(1000\)"),
+        (Limits(max_member_size=1000), [file("a", bytes(1001))], "a",
+         r"size 1001 exceeds limit max_member_size \(1000\)"),
+        # The manifest's bytes count too.
+        (Limits(max_total_bytes=3000), [file("a", bytes(1500)), file("b", bytes(1500))], "b",
+         r"total size exceeds limit max_total_bytes \(3000\)"),
         (Limits(max_depth=3), [file("a/b/c/d")], "a/b/c/d",
          r"depth 4 exceeds limit max_depth \(3\)"),
     ],
@@ -740,6 +809,88 @@ def test_destination_symlink_refused(dest: Path, tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(dest)
     with pytest.raises(UnpackError, match="cannot open destination"):
         extract(io.BytesIO(archive(file("a"))), tmp_path / "link")
+
+
+def modes(root: Path) -> dict[str, int]:
+    return {path.name: stat.S_IMODE(path.lstat().st_mode) for path in root.iterdir()
+            if path.name != ".rpack"}
+
+
+SETID_MEMBERS = [file("suid", b"x", 0o4755), file("sgid", b"x", 0o2755),
+                 directory("sgid-dir", 0o2775), directory("tmp", 0o1777)]
+
+
+def test_setuid_and_setgid_stripped(dest: Path) -> None:
+    # Cases E48 and E49: set-id bits go, the sticky bit of a directory stays.
+    extract(io.BytesIO(archive(*SETID_MEMBERS)), dest)
+    assert modes(dest) == {"suid": 0o755, "sgid": 0o755, "sgid-dir": 0o775, "tmp": 0o1777}
+
+
+def test_trust_setuid(dest: Path) -> None:
+    extract(io.BytesIO(archive(*SETID_MEMBERS)), dest, trust_setuid=True)
+    assert modes(dest) == {"suid": 0o4755, "sgid": 0o2755, "sgid-dir": 0o2775, "tmp": 0o1777}
+
+
+def owned(member: Member, uid: int = 1234, gid: int = 4321) -> Member:
+    member[0].uid, member[0].gid = uid, gid
+    return member
+
+
+OWNED = [owned(directory("d")), owned(file("d/f", b"f", 0o4755)), owned(symlink("d/s", "f")),
+         owned(hardlink("d/h", "d/f"), 99, 99)]
+
+
+def owners(root: Path) -> dict[str, tuple[int, int]]:
+    return {name: (st.st_uid, st.st_gid) for name in ("d", "d/f", "d/s", "d/h")
+            for st in [(root / name).lstat()]}
+
+
+@pytest.mark.root
+@root_only
+def test_ownership_ignored(dest: Path) -> None:
+    # Case E52: no --numeric-owner, so the extracting user owns everything.
+    extract(io.BytesIO(archive(*OWNED)), dest)
+    assert set(owners(dest).values()) == {(0, 0)}
+
+
+@pytest.mark.root
+@root_only
+def test_numeric_owner(dest: Path) -> None:
+    extract(io.BytesIO(archive(*OWNED)), dest, numeric_owner=True, trust_setuid=True)
+    # The hard link is the file's inode: the file member gave it its owner.
+    assert set(owners(dest).values()) == {(1234, 4321)}
+    assert stat.S_IMODE((dest / "d/f").stat().st_mode) == 0o4755  # chown came first
+
+
+@pytest.mark.root
+@root_only
+@pytest.mark.parametrize(
+    ("pax", "match"),
+    [({"uid": str(2**32 - 1)}, r"uid 4294967295 out of range"),
+     ({"gid": "-1"}, r"pax gid record is not a number")],
+)
+def test_numeric_owner_refuses_unusable_ids(dest: Path, pax: dict[str, str], match: str) -> None:
+    data = archive(file("f", b"f", pax=pax))
+    with pytest.raises(UnpackError, match=match):
+        extract(io.BytesIO(data), dest, numeric_owner=True)
+    assert os.listdir(dest) == []
+    extract(io.BytesIO(data), dest)  # ignored ids are not checked
+
+
+@pytest.mark.root
+@root_only
+def test_not_enough_space(dest: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        (small / "dest").mkdir()
+        with pytest.raises(UnpackError, match=r"^not enough space: the archive's files take "
+                           r"4194\d{3} bytes, the destination has \d+ bytes free$"):
+            extract(io.BytesIO(archive(file("big", bytes(4 << 20)))), small / "dest")
+        assert os.listdir(small / "dest") == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_failure_late_removes_everything(dest: Path) -> None:
@@ -801,8 +952,6 @@ def owned_by_nobody(paths: Iterable[Path]) -> None:
         os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
 
 
-root_only = pytest.mark.skipif(os.getuid() != 0, reason="needs root to become uid 65534")
-
 
 @pytest.fixture
 def searchable(tmp_path: Path) -> Iterator[None]:
@@ -851,6 +1000,37 @@ def test_refusal_unprivileged(dest: Path, host: Path) -> None:
 
     assert as_nobody(dest, action) == "ok"
     assert (host / "victim").read_bytes() == b"original"
+
+
+@pytest.mark.root
+@root_only
+def test_platform_checked_before_anything_is_created(dest: Path) -> None:
+    # nobody may read dest but not write to it: creating even the manifest would fail.
+    os.chmod(dest, 0o755)
+    members = [file("a", b"a")]
+    foreign = archive(*members, head=manifest_member(manifest(
+        entries(members), platform={**HOST_PLATFORM, "machine": "aarch64"})))
+
+    def action(data: bytes, match: str) -> Callable[[], None]:
+        def run() -> None:
+            with pytest.raises(UnpackError, match=match):
+                extract(io.BytesIO(data), ".")
+        return run
+
+    assert as_nobody(dest, action(foreign, "archive is for aarch64")) == "ok"
+    assert as_nobody(dest, action(archive(*members), "permission denied")) == "ok"
+
+
+@pytest.mark.root
+@root_only
+def test_numeric_owner_needs_root(dest: Path) -> None:
+    owned_by_nobody([dest])
+
+    def action() -> None:
+        with pytest.raises(UnpackError, match="^numeric ownership needs root$"):
+            extract(io.BytesIO(archive(file("a"))), ".", numeric_owner=True)
+
+    assert as_nobody(dest, action) == "ok"
 
 
 @pytest.mark.root

@@ -50,17 +50,26 @@ class FrameChecker:
         self.compressed_bytes = 0
 
     def read(self, size: int = -1) -> bytes:
-        """Read from the source, check the bytes, and hand them on unchanged."""
-        if self._eof:
-            return b""
-        data = self._source.read(size if size > 0 else SOURCE_CHUNK)
-        if not data:
-            self._eof = True
-            self._check_boundary()
-            return b""
-        self.compressed_bytes += len(data)
-        self._feed(data)
-        return data
+        """Read from the source, check the bytes, and hand them on unchanged.
+
+        The bytes of a frame's magic number are held back until all four have been checked:
+        stray bytes after the last frame are refused here, never parsed by the decoder.
+        """
+        while not self._eof:
+            held = bytes(self._field) if self._state == _MAGIC else b""
+            data = self._source.read(size if size > 0 else SOURCE_CHUNK)
+            if not data:
+                self._eof = True
+                self._check_boundary()
+                return b""
+            self.compressed_bytes += len(data)
+            self._feed(data)
+            out = held + data
+            if self._state == _MAGIC and self._field:
+                out = out[: -len(self._field)]
+            if out:
+                return out
+        return b""
 
     def check_complete(self) -> None:
         """Require that the whole source was read and ended exactly at a frame boundary."""
@@ -69,10 +78,16 @@ class FrameChecker:
         self._check_boundary()
 
     def _check_boundary(self) -> None:
-        if self._state == _MAGIC and not self._field and not self._skip:
-            if self._frames == 0:
-                raise UnpackError("empty archive")
-            return
+        if self._state == _MAGIC and not self._skip:
+            # One to three bytes: the start of a frame cut short, or not a frame at all.
+            if self._field and not FRAME_MAGIC.to_bytes(4, "little").startswith(self._field):
+                if self._frames == 0:
+                    raise UnpackError("not a zstd archive")
+                raise UnpackError("data after end of archive (not a zstd frame)")
+            if not self._field:
+                if self._frames == 0:
+                    raise UnpackError("empty archive")
+                return
         raise UnpackError("truncated archive (zstd frame incomplete)")
 
     def _feed(self, data: bytes) -> None:
@@ -119,6 +134,9 @@ class FrameChecker:
     def _descriptor(self, fhd: int) -> None:
         if fhd & 0x08:
             raise UnpackError("corrupt archive (reserved bit set in zstd frame header)")
+        if fhd & 0x10:
+            # Decoders ignore it and no encoder sets it: a flipped bit libzstd would not see.
+            raise UnpackError("corrupt archive (unused bit set in zstd frame header)")
         if not fhd & 0x04:
             raise UnpackError("zstd frame has no content checksum")
         self._descriptor_byte = fhd

@@ -1,5 +1,7 @@
 """The one error the unpacker raises: an archive refused, or an extraction that failed."""
 
+import errno
+
 
 class UnpackError(Exception):
     """An archive was refused or could not be extracted.
@@ -18,3 +20,14 @@ class UnpackError(Exception):
         if self.member is None:
             return self.reason
         return f"member {self.member!r}: {self.reason}"
+
+
+def reason(exc: BaseException) -> str:
+    """A lowercase fragment saying what went wrong, for an exception that is not ours."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EEXIST:
+            return "name collision with an existing entry"
+        return (exc.strerror or str(exc)).lower()
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return f"internal error ({type(exc).__name__}: {exc})"

@@ -4,7 +4,7 @@ import enum
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import zstandard
@@ -59,7 +59,8 @@ class Member:
     `name` is the name as the archive spells it (for messages), `path` its normalised form:
     components joined by "/", no ".", no empty component, "" for the root. `linkname` is a
     symlink's target verbatim, or a hardlink target's normalised path. `mode` holds the stored
-    permission bits (07777), untrusted.
+    permission bits (07777), untrusted. `uid` and `gid` are the stored numeric ids, None when a
+    pax record gave one that is not a number; the extractor ignores them unless told otherwise.
     """
 
     name: str
@@ -69,6 +70,8 @@ class Member:
     size: int
     mtime: int
     linkname: str
+    uid: int | None
+    gid: int | None
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -83,6 +86,8 @@ class _Header:
     mode: int
     size: int
     mtime: int
+    uid: int
+    gid: int
 
 
 @dataclass
@@ -91,6 +96,7 @@ class _Pax:
     linkpath: bytes | None = None
     size: int | None = None
     mtime: int | None = None
+    ids: dict[str, int | None] = field(default_factory=dict)
     sparse: bool = False
 
 
@@ -224,9 +230,13 @@ class TarReader:
                 pax.size = int(value)
             elif key == "mtime" and _PAX_MTIME.fullmatch(value):
                 pax.mtime = int(value.split(b".")[0])
-            # Other records (uid, gid, uname, gname, atime, ctime, comment, xattrs, invalid
-            # mtimes) select nothing the extractor creates, so they are ignored. hdrcharset
-            # too: names must be valid UTF-8 whatever it says.
+            elif key in ("uid", "gid"):
+                # Used only on request (numeric ownership), which refuses a None.
+                valid = value.isdigit() and len(value) <= 20
+                pax.ids[key] = int(value) if valid else None
+            # Other records (uname, gname, atime, ctime, comment, xattrs, invalid mtimes)
+            # select nothing the extractor creates, so they are ignored. hdrcharset too:
+            # names must be valid UTF-8 whatever it says.
         return pax
 
     def _member(self, header: _Header, pax: _Pax) -> Member:
@@ -256,7 +266,7 @@ class TarReader:
         mtime = header.mtime if pax.mtime is None else pax.mtime
         self._current, self._remaining, self._padding = name, size, -size % BLOCK
         return Member(name, path, kind, header.mode, size, min(max(mtime, 0), MTIME_MAX),
-                      linkname)
+                      linkname, pax.ids.get("uid", header.uid), pax.ids.get("gid", header.gid))
 
     def _check_size(self, name: str, kind: Kind, size: int) -> None:
         limits = self._limits
@@ -305,7 +315,7 @@ def _parse_header(block: bytes, offset: int) -> _Header:
             raise ValueError("magic")
         return _Header(name, _cstring(block[157:257]), block[156:157],
                        _number(block[100:108]) & 0o7777, _number(block[124:136]),
-                       _number(block[136:148]))
+                       _number(block[136:148]), _number(block[108:116]), _number(block[116:124]))
     except ValueError:
         raise UnpackError(f"corrupt archive (invalid tar header at offset {offset})") from None
 

@@ -1,0 +1,176 @@
+"""One checked pass over an archive: the reader behind extract, verify, list and inspect."""
+
+import hashlib
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from unpacker.decompress import FrameChecker, open_stream
+from unpacker.errors import UnpackError, reason
+from unpacker.format import MANIFEST_MAX_SIZE, MANIFEST_PATH
+from unpacker.host import check_platform
+from unpacker.limits import Limits
+from unpacker.manifest import Entry, Manifest, ManifestCheck, parse_manifest
+from unpacker.read import Kind, Member, Readable, TarReader
+
+
+@dataclass(frozen=True)
+class Item:
+    """A member that passed every check so far, as a consumer sees it.
+
+    `entry` is the member's manifest entry (None for the manifest itself). `data` yields a
+    file's bytes and refuses, after the last chunk, if their sha256 is not the entry's; what a
+    consumer leaves unread is read (and checked) before the next item. `parents` counts the
+    leading directories of the path that earlier members made; deeper ones are new. `repeat`
+    is True for a directory the archive already made.
+    """
+
+    member: Member
+    entry: Entry | None
+    data: Iterator[bytes]
+    parents: int
+    repeat: bool
+
+
+class ArchiveReader:
+    """Reads an archive front to back, refusing at the first fault; iterate it once.
+
+    The checks, in stream order: zstd frames (unpacker.decompress), tar headers, types, sizes
+    and names (unpacker.read), the manifest as the first member (unpacker.manifest), the
+    platform against this host unless `check_platform` is False (unpacker.host), then per
+    member the tree model (no duplicates, nothing below a symlink or a file, hard links only
+    to earlier files) and its manifest entry, and at the end the end-of-archive marker, nothing
+    but zeros after it, the last frame complete, and every manifest entry seen.
+
+    Once iteration has ended without an error, `manifest`, `identity` (the sha256 of the
+    uncompressed tar stream), `members`, `tar_bytes` and `compressed_bytes` describe the
+    archive. Faults that are not UnpackError already become one, naming the member at hand.
+    """
+
+    def __init__(self, source: BinaryIO, limits: Limits | None = None, *,
+                 check_platform: bool = True) -> None:
+        self._source = source
+        self._limits = limits or Limits()
+        self._check_platform = check_platform
+        self._tree = _Tree()
+        self._current: Member | None = None
+        self.manifest: Manifest | None = None
+        self.identity: str | None = None
+        self.members = 0
+        self.tar_bytes = 0
+        self.compressed_bytes = 0
+
+    def __iter__(self) -> Iterator[Item]:
+        checker = FrameChecker(self._source)
+        try:
+            with open_stream(checker) as stream:
+                hashing = _Hashing(stream)
+                reader = TarReader(hashing, self._limits)
+                check = yield from self._items(reader)
+                self._current = None
+                reader.finish()
+            checker.check_complete()
+            check.finish()
+        except UnpackError:
+            raise
+        except Exception as exc:
+            member = self._current.name if self._current else None
+            raise UnpackError(reason(exc), member) from exc
+        self.identity = hashing.digest.hexdigest()
+        self.tar_bytes = hashing.size
+        self.compressed_bytes = checker.compressed_bytes
+
+    def _items(self, reader: TarReader) -> Generator[Item, None, ManifestCheck]:
+        members = iter(reader)
+        # A "./" entry names the root itself: nothing to check or create, here or later.
+        first = next((member for member in members if member.path), None)
+        manifest, data = self._manifest(reader, first)
+        assert first is not None
+        self.manifest = manifest
+        check = ManifestCheck(manifest)
+        parents, repeat = self._tree.add(first)
+        self.members += 1
+        yield Item(first, None, iter([data]), parents, repeat)
+
+        for member in members:
+            if not member.path:
+                continue
+            self._current = member
+            parents, repeat = self._tree.add(member)
+            entry = check.match(member)
+            data_chunks = check.data(member, entry, reader.data())
+            self.members += 1
+            yield Item(member, entry, data_chunks, parents, repeat)
+            for _ in data_chunks:
+                pass
+        return check
+
+    def _manifest(self, reader: TarReader, first: Member | None) -> tuple[Manifest, bytes]:
+        if first is None:
+            raise UnpackError("archive has no manifest")
+        self._current = first
+        if first.path != MANIFEST_PATH:
+            raise UnpackError(f"first member must be {MANIFEST_PATH!r}", first.name)
+        if first.kind is not Kind.FILE:
+            raise UnpackError("manifest must be a regular file", first.name)
+        if first.size > MANIFEST_MAX_SIZE:
+            raise UnpackError(f"manifest larger than {MANIFEST_MAX_SIZE} bytes", first.name)
+        data = b"".join(reader.data())
+        manifest = parse_manifest(data, first.name)
+        if self._check_platform:
+            check_platform(manifest.platform)
+        return manifest, data
+
+class _Hashing:
+    """Passes the decompressed stream on, hashing it: the archive's identity."""
+
+    def __init__(self, stream: Readable) -> None:
+        self._stream = stream
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._stream.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
+class _Tree:
+    """What the archive has made so far, by normalised path: the model every check uses."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, Kind] = {}  # hard links are recorded as the files they are
+
+    def add(self, member: Member) -> tuple[int, bool]:
+        """Refuse `member` if it clashes with the tree, else record it with its parents.
+
+        Returns how many leading parent directories existed already, and whether the member
+        repeats a directory.
+        """
+        parts = member.parts
+        existing = 0
+        for depth in range(1, len(parts)):
+            prefix = "/".join(parts[:depth])
+            kind = self.kinds.get(prefix)
+            if kind is None:
+                break  # nor will any deeper prefix exist: parents are recorded first
+            if kind is Kind.SYMLINK:
+                raise UnpackError(f"would be created through symlink {prefix!r}", member.name)
+            if kind is not Kind.DIR:
+                raise UnpackError(f"would be created below file {prefix!r}", member.name)
+            existing = depth
+
+        kind = self.kinds.get(member.path)
+        repeat = kind is Kind.DIR and member.kind is Kind.DIR
+        if kind is not None and not repeat:
+            raise UnpackError(f"duplicate member refused (already a {kind.value})", member.name)
+        if member.kind is Kind.HARDLINK and self.kinds.get(member.linkname) is not Kind.FILE:
+            raise UnpackError(
+                f"hardlink target {member.linkname!r} is not an earlier regular file", member.name
+            )
+
+        for depth in range(existing + 1, len(parts)):
+            self.kinds["/".join(parts[:depth])] = Kind.DIR
+        self.kinds[member.path] = Kind.FILE if member.kind is Kind.HARDLINK else member.kind
+        return existing, repeat
