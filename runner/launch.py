@@ -6,12 +6,15 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
 
-from unpacker import extract
+from unpacker import Limits, extract
 
-from .sandbox import RunError, run
+from .errors import RunError
+from .init import GRACE
+from .mounts import Bind
+from .sandbox import check_namespaces, run
 from .workspace import workspace
 
 logger = logging.getLogger(__name__)
@@ -54,17 +57,38 @@ def command(manifest: dict[str, Any], entrypoint: str | None, args: list[str]) -
     return [*stored, *args]
 
 
+def check_binds(binds: Sequence[Bind]) -> None:
+    for bind in binds:
+        try:
+            os.stat(bind.source)
+        except OSError as e:
+            raise RunError(f"cannot bind {bind.source}: {e.strerror}") from None
+
+
 def launch(archive: str, args: list[str], *, entrypoint: str | None = None,
            env: dict[str, str] | None = None, workdir: str | None = None,
-           tmpdir: str | None = None, keep: bool = False) -> int:
-    """Run the archive's entrypoint (or `entrypoint`) with `args`; return its exit status."""
-    with _source(archive) as source, workspace(tmpdir, keep) as root:
-        manifest = extract(source, root)
-        argv = command(manifest, entrypoint, args)
-        stored_workdir = manifest.get("workdir")
-        cwd = workdir or (stored_workdir if isinstance(stored_workdir, str) else "/")
-        logger.debug("running %s in %s", argv, root)
-        status = run(root, argv, environment(manifest, env or {}), cwd)
-        if keep:
-            logger.warning("the root stays at %s (--keep)", root)
-        return status
+           tmpdir: str | None = None, keep: bool = False, binds: Sequence[Bind] = (),
+           limits: Limits | None = None, trust_setuid: bool = False,
+           grace: float = GRACE) -> int:
+    """Run the archive's entrypoint (or `entrypoint`) with `args`; return its exit status.
+
+    The archive is checked as it is unpacked (`limits`, `trust_setuid`: see
+    unpacker.extract); the program runs in the sandbox of runner.sandbox.run, seeing the
+    root and the `binds`; the root is deleted afterwards unless `keep`.
+    """
+    check_binds(binds)
+    with _source(archive) as source:
+        # Before unpacking anything: a host without user namespaces fails at once.
+        check_namespaces()
+        with workspace(tmpdir, keep) as root:
+            try:
+                manifest = extract(source, root, limits=limits, trust_setuid=trust_setuid)
+                argv = command(manifest, entrypoint, args)
+                stored_workdir = manifest.get("workdir")
+                cwd = workdir or (stored_workdir if isinstance(stored_workdir, str) else "/")
+                logger.debug("running %s in %s", argv, root)
+                return run(root, argv, environment(manifest, env or {}), cwd, binds=binds,
+                           grace=grace)
+            finally:
+                if keep:
+                    print(f"rpack: the root stays at {root}", file=sys.stderr)

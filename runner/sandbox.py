@@ -1,4 +1,4 @@
-"""Run a program inside an extracted root: namespaces, private mounts, pivot_root, a tiny init."""
+"""Run a program in an extracted root: the runner's side, and the relay into new namespaces."""
 
 import contextlib
 import errno
@@ -8,42 +8,18 @@ import os
 import select
 import signal
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NoReturn
+from collections.abc import Callable, Sequence
 
 from runner import linux
+from runner.errors import RunError
+from runner.init import FORWARDED, GRACE, WAITED, Job, init, read_all, reap, send, supervise
+from runner.mounts import Bind
+from runner.terminal import Terminal
 
 log = logging.getLogger(__name__)
 
-# What a user sends to stop or poke a program: the runner and the init pass these on.
-FORWARDED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2}
-WAITED = FORWARDED | {signal.SIGCHLD}
-# si_code of a signal the kernel sent itself, such as Ctrl-C from a terminal.
-SI_KERNEL = 0x80
-
-PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"))
-
-# Real root keeps its capabilities in the sandbox. These would let it reach past the root:
-# load modules, raw I/O and new device nodes, mounts, reboot and the clock, immutable files
-# that cleanup could not delete, tracing, and the host's network, audit and MAC setup.
-DROPPED_CAPABILITIES = (
-    linux.CAP_SYS_MODULE, linux.CAP_SYS_RAWIO, linux.CAP_MKNOD, linux.CAP_SYS_ADMIN,
-    linux.CAP_SYS_BOOT, linux.CAP_SYS_TIME, linux.CAP_WAKE_ALARM, linux.CAP_LINUX_IMMUTABLE,
-    linux.CAP_SYS_PTRACE, linux.CAP_SYS_CHROOT, linux.CAP_SYS_PACCT, linux.CAP_NET_ADMIN,
-    linux.CAP_SYSLOG, linux.CAP_AUDIT_CONTROL, linux.CAP_MAC_ADMIN, linux.CAP_MAC_OVERRIDE,
-    linux.CAP_SYS_TTY_CONFIG, linux.CAP_BLOCK_SUSPEND, linux.CAP_BPF,
-)
-
-# Flags the remount of the root must keep: in a user namespace they are locked and a remount
-# that drops one fails.
-KEPT_FLAGS = {os.ST_RDONLY: linux.MS_RDONLY, os.ST_NOEXEC: linux.MS_NOEXEC,
-              os.ST_NOATIME: linux.MS_NOATIME, os.ST_NODIRATIME: linux.MS_NODIRATIME,
-              os.ST_RELATIME: linux.MS_RELATIME}
+# The runner also follows the caller's terminal's size.
+TERMINAL_SIGNALS = frozenset({signal.SIGWINCH})
 
 O_PATHDIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -54,29 +30,12 @@ USERNS_CAUSES = {
 }
 USERNS_DISABLED = ("unprivileged user namespaces are probably disabled "
                    "(sysctl kernel.unprivileged_userns_clone=0, user.max_user_namespaces=0, "
-                   "or an AppArmor restriction: kernel.apparmor_restrict_unprivileged_userns=1)")
+                   "an AppArmor restriction such as kernel.apparmor_restrict_unprivileged_userns"
+                   "=1, or a seccomp filter of a container)")
 
 
-class RunError(Exception):
-    """rpack could not run the program; the CLI prints it, and the hint, and exits 125."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
-
-
-@dataclass(frozen=True)
-class Job:
-    root: str
-    argv: list[str]
-    env: dict[str, str]
-    workdir: str
-    userns: bool
-    on_tty: bool
-    report: int
-
-
-def run(root: str, argv: list[str], env: dict[str, str], workdir: str = "/") -> int:
+def run(root: str, argv: list[str], env: dict[str, str], workdir: str = "/", *,
+        binds: Sequence[Bind] = (), grace: float = GRACE) -> int:
     """Run argv inside the extracted root and return its exit status, the way a shell does.
 
     The status is the program's own, 128+N if signal N ended it, 126 if it could not be
@@ -86,19 +45,25 @@ def run(root: str, argv: list[str], env: dict[str, str], workdir: str = "/") -> 
     root = os.path.abspath(root)
     check_request(root, argv, env, workdir)
     report_r, report_w = os.pipe()
-    job = Job(root, list(argv), dict(env), workdir, userns=os.geteuid() != 0,
-              on_tty=os.isatty(0), report=report_w)
+    terminal = Terminal.open()
+    job = Job(root, list(argv), dict(env), workdir, list(binds), userns=os.geteuid() != 0,
+              tty=terminal.setup if terminal else None, report=report_w, grace=grace)
     log.debug("running %s in %s%s", argv, root, " in a user namespace" if job.userns else "")
     try:
-        status = start(job)
-        report = read_report(report_r)
+        status = start(job, terminal)
+        reports = read_reports(report_r)
     finally:
         os.close(report_r)
+        if terminal:
+            terminal.close()
 
-    if "error" in report:
-        raise RunError(report["error"], report.get("hint"))
-    if "exec" in report:
-        log.error("%s", report["exec"])
+    for report in reports:
+        if "warning" in report:
+            log.warning("%s", report["warning"])
+        if "error" in report:
+            raise RunError(report["error"], report.get("hint"))
+        if "exec" in report:
+            log.error("%s", report["exec"])
     return status
 
 
@@ -126,28 +91,98 @@ def check_request(root: str, argv: list[str], env: dict[str, str], workdir: str)
                        hint="choose a temporary directory elsewhere with --tmpdir or $TMPDIR")
 
 
-def start(job: Job) -> int:
-    """Fork the relay and wait for it, passing on signals; this is the runner's own part."""
+def check_namespaces() -> None:
+    """Raise RunError now, before anything is unpacked, if the sandbox's namespaces fail."""
+    report_r, report_w = os.pipe()
+    try:
+        try:
+            pid = spawn(probe, report_w)
+        finally:
+            os.close(report_w)
+        os.waitpid(pid, 0)
+        reports = read_reports(report_r)
+    finally:
+        os.close(report_r)
+    for report in reports:
+        if "error" in report:
+            raise RunError(report["error"], report.get("hint"))
+
+
+def probe() -> int:
+    enter_namespaces(os.geteuid() != 0)
+    return 0
+
+
+def start(job: Job, terminal: Terminal | None) -> int:
+    """Fork the relay and wait for it, passing on signals and the terminal's bytes."""
     # Whatever rpack printed so far comes before the program's output.
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, OSError, ValueError):
             stream.flush()
     runner = os.getpid()
-    # Blocked signals wait for sigwaitinfo(), which tells a forwarded kill from Ctrl-C.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
+    waited = WAITED | (TERMINAL_SIGNALS if terminal else set())
+    # Blocked, the signals wait in a signalfd; the relay and the init inherit the mask and
+    # collect theirs with sigwaitinfo(), so none is lost between fork and wait.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
     try:
         try:
-            pid = spawn(lambda: relay(job, runner), job.report)
+            pid = spawn(lambda: relay(job, runner, terminal), job.report)
         finally:
             os.close(job.report)
+            if terminal:
+                terminal.forked()
         try:
-            return supervise(pid, job.on_tty, orphans=False)
+            return wait_for(pid, waited, terminal)
         except BaseException:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             raise
     finally:
+        if terminal:
+            terminal.restore()
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def wait_for(pid: int, waited: frozenset[int] | set[int], terminal: Terminal | None) -> int:
+    """The runner's loop: pass signals on to the relay, relay the terminal, until it ends."""
+    sigfd = linux.signalfd(waited)
+    try:
+        while True:
+            wanted = {sigfd: select.POLLIN, **(terminal.events() if terminal else {})}
+            poller = select.poll()
+            for fd, mask in wanted.items():
+                poller.register(fd, mask)
+            ready = dict(poller.poll())
+            if sigfd in ready:
+                for sig in linux.read_signals(sigfd):
+                    status = reap(pid, orphans=False) if sig == signal.SIGCHLD else None
+                    if status is not None:
+                        if terminal:
+                            terminal.drain()
+                        return status
+                    if sig in FORWARDED:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, sig)
+                    follow_job_control(sig, terminal)
+            if terminal:
+                terminal.pump(ready)
+    finally:
+        os.close(sigfd)
+
+
+def follow_job_control(sig: int, terminal: Terminal | None) -> None:
+    """Stop with the program (Ctrl-Z or kill -TSTP), go on with it, follow the window size.
+
+    On a terminal of its own the program is the whole session, as on a console: Ctrl-Z is its
+    business, and the runner never stops.
+    """
+    if sig == signal.SIGTSTP and not terminal:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif sig == signal.SIGCONT and terminal:
+        terminal.enter_raw_mode()
+        terminal.resize()
+    elif sig == signal.SIGWINCH and terminal:
+        terminal.resize()
 
 
 def spawn(step: Callable[[], int], report: int) -> int:
@@ -166,16 +201,17 @@ def spawn(step: Callable[[], int], report: int) -> int:
         os._exit(code)
 
 
-def relay(job: Job, runner: int) -> int:
+def relay(job: Job, runner: int, terminal: Terminal | None) -> int:
     """The runner's child: enter new namespaces, fork the init into them and wait for it."""
     # Die with the runner, so that a killed rpack leaves no sandbox behind.
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != runner:
         return 125
-    # Without a terminal on stdin, a session of its own keeps the program from the caller's
-    # terminal (no TIOCSTI); the runner then forwards every signal itself.
-    if not job.on_tty:
-        os.setsid()
+    if terminal:
+        terminal.leave()
+    # A session of its own keeps the sandbox from the caller's terminal: no TIOCSTI, no
+    # signals from its keyboard but those the runner passes on.
+    os.setsid()
     enter_namespaces(job.userns)
 
     # Before any other mount: as root on a host with shared mounts (systemd), every mount
@@ -190,12 +226,15 @@ def relay(job: Job, runner: int) -> int:
     lifeline = os.pidfd_open(os.getpid())
     pid = spawn(lambda: init(job, lifeline), job.report)
     os.close(lifeline)
-    return supervise(pid, job.on_tty, orphans=False)
+    if job.tty:
+        os.close(job.tty.sock)
+    return supervise(pid, orphans=False, grace=job.grace, report=job.report)
 
 
 def enter_namespaces(userns: bool) -> None:
+    """Unshare mount, PID and IPC namespaces, and as non-root a user namespace mapping us to 0."""
     uid, gid = os.geteuid(), os.getegid()
-    flags = linux.CLONE_NEWNS | linux.CLONE_NEWPID
+    flags = linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC
     if userns:
         flags |= linux.CLONE_NEWUSER
         # A process that changed its uid is not dumpable, which leaves its uid_map owned by
@@ -231,277 +270,11 @@ def namespace_error(err: OSError, userns: bool) -> RunError:
                     hint=f"{cause}; enable them, or run rpack as root")
 
 
-def init(job: Job, lifeline: int) -> int:
-    """PID 1 of the sandbox: build the root, start the program, pass signals on and reap."""
-    # Die with the relay; if it is already gone, that signal will never come.
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if select.select([lifeline], [], [], 0)[0]:
-        return 125
-    os.close(lifeline)
-
-    enter_root(job.root, job.userns)
-    try:
-        os.chdir(job.workdir)
-    except OSError as e:
-        raise RunError(f"cannot enter the working directory {job.workdir} in the root: "
-                       f"{e.strerror}") from e
-
-    pid, err = start_program(job.argv, job.env)
-    if err is not None:
-        code, message = exec_failure(err, job.argv[0], job.env)
-        send(job.report, {"exec": message})
-        return code
-    os.close(job.report)
-    return supervise(pid, job.on_tty, orphans=True)
-
-
-def enter_root(root: str, userns: bool) -> None:
-    """Make root the whole filesystem of this mount namespace, with a fresh /proc and /dev."""
-    bind_root(root)
-    # Opened after the bind: this is the new mount, not the directory underneath it.
-    newroot = os.open(root, O_PATHDIR)
-    try:
-        mount_proc(newroot)
-        mount_dev(newroot)
-        os.fchdir(newroot)
-    finally:
-        os.close(newroot)
-
-    # Stack the old root on top of the new one and detach it: no path leads to the host now.
-    try:
-        linux.pivot_root(".", ".")
-        linux.umount2(".", linux.MNT_DETACH)
-    except OSError as e:
-        raise RunError(f"cannot switch to the root {root}: {e.strerror}") from e
-    os.chdir("/")
-
-    if not userns:
-        drop_capabilities()
-    # Neither the program nor anything it runs gains privileges from setuid or file caps.
-    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-
-
-def bind_root(root: str) -> None:
-    # pivot_root needs a mount point; the bind is also where nosuid and nodev go.
-    fd = os.open(root, O_PATHDIR)
-    try:
-        flags = os.fstatvfs(fd).f_flag
-        mount_on(fd, root, fd_path(fd), None, linux.MS_BIND | linux.MS_REC)
-    finally:
-        os.close(fd)
-    kept = sum(ms for st, ms in KEPT_FLAGS.items() if flags & st)
-    try:
-        linux.mount(None, root, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_NOSUID
-                    | linux.MS_NODEV | kept)
-    except OSError as e:
-        raise RunError(f"cannot make {root} nosuid,nodev: {e.strerror}") from e
-
-
-def mount_proc(newroot: int) -> None:
-    # A fresh proc of the new PID namespace: the host's processes stay invisible.
-    flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-    fd = mount_point(newroot, "proc", "/proc")
-    try:
-        mount_on(fd, "/proc", "proc", "proc", flags)
-    finally:
-        os.close(fd)
-
-    # Real root could still reconfigure or reboot the host through these, as in Docker.
-    proc = os.open("proc", O_PATHDIR, dir_fd=newroot)
-    try:
-        for name in PROC_READ_ONLY:
-            path = f"{fd_path(proc)}/{name}"
-            if os.path.exists(path):
-                linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
-                linux.mount(None, path, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY
-                            | flags)
-    except OSError as e:
-        raise RunError(f"cannot make /proc/{name} read-only: {e.strerror}") from e
-    finally:
-        os.close(proc)
-
-
-def mount_dev(newroot: int) -> None:
-    # A small tmpfs with the harmless host devices bound in, as bubblewrap and mkosi do; the
-    # archive's own /dev entries stay hidden underneath.
-    fd = mount_point(newroot, "dev", "/dev")
-    try:
-        flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-        mount_on(fd, "/dev", "tmpfs", "tmpfs", flags, "mode=0755")
-    finally:
-        os.close(fd)
-
-    # fd was the directory under the tmpfs; a fresh lookup gives the tmpfs itself.
-    dev = os.open("dev", O_PATHDIR, dir_fd=newroot)
-    try:
-        for name in DEVICES:
-            bind_device(dev, name)
-        mount_devpts(dev)
-        for name, target in DEV_LINKS:
-            os.symlink(target, name, dir_fd=dev)
-        os.mkdir("shm", dir_fd=dev)
-        os.chmod("shm", 0o1777, dir_fd=dev)
-    finally:
-        os.close(dev)
-
-
-def bind_device(dev: int, name: str) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(name, flags, 0o666, dir_fd=dev)
-    try:
-        linux.mount(f"/dev/{name}", fd_path(fd), None, linux.MS_BIND)
-    except OSError as e:
-        if name != "tty":
-            raise RunError(f"cannot bind /dev/{name} into the root: {e.strerror}") from e
-        # Some containers have no /dev/tty; without it programs get ENOENT, as on such a host.
-        log.debug("no /dev/tty in the sandbox: %s", e.strerror)
-        os.unlink(name, dir_fd=dev)
-    finally:
-        os.close(fd)
-
-
-def mount_devpts(dev: int) -> None:
-    os.mkdir("pts", 0o755, dir_fd=dev)
-    fd = os.open("pts", O_PATHDIR, dir_fd=dev)
-    try:
-        linux.mount("devpts", fd_path(fd), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
-                    "newinstance,ptmxmode=0666,mode=0620")
-    except OSError as e:
-        # Programs that need no pseudo-terminal still run.
-        log.debug("no devpts in the sandbox: %s", e.strerror)
-        return
-    finally:
-        os.close(fd)
-    os.symlink("pts/ptmx", "ptmx", dir_fd=dev)
-
-
-def mount_point(dirfd: int, name: str, where: str) -> int:
-    """Open dirfd/name to mount over, refusing a symlink that could aim the mount at the host."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(name, 0o755, dir_fd=dirfd)
-    try:
-        return os.open(name, O_PATHDIR, dir_fd=dirfd)
-    except OSError as e:
-        try:
-            what = f"a symlink to {os.readlink(name, dir_fd=dirfd)}"
-        except OSError:
-            what = f"unusable ({e.strerror})"
-        raise RunError(f"refusing to run: {where} in the root is {what}, not a directory",
-                       hint=f"{where} must be a plain directory in the archive") from e
-
-
-def mount_on(fd: int, where: str, source: str | None, fstype: str | None, flags: int,
-             data: str | None = None) -> None:
-    # Through the descriptor, the mount lands on what was opened, whatever the path says now.
-    try:
-        linux.mount(source, fd_path(fd), fstype, flags, data)
-    except OSError as e:
-        raise RunError(f"cannot mount {fstype or source} on {where}: {e.strerror}") from e
-
-
-def fd_path(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
-
-
-def drop_capabilities() -> None:
-    for cap in DROPPED_CAPABILITIES:
-        try:
-            linux.prctl(linux.PR_CAPBSET_DROP, cap)
-        except OSError as e:
-            # EINVAL: this kernel does not know the capability, so nothing to drop.
-            if e.errno != errno.EINVAL:
-                raise
-
-
-def start_program(argv: list[str], env: dict[str, str]) -> tuple[int, int | None]:
-    """Fork and exec the program; return its pid and the errno of a failed exec, if any."""
-    exec_r, exec_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(exec_r)
-        exec_program(argv, env, exec_w)
-    os.close(exec_w)
-    # The pipe is close-on-exec: end of file with no data means the exec succeeded.
-    data = read_all(exec_r)
-    os.close(exec_r)
-    return pid, int(data) if data else None
-
-
-def exec_program(argv: list[str], env: dict[str, str], exec_w: int) -> NoReturn:
-    err = errno.EINVAL
-    try:
-        # Python ignores SIGPIPE and SIGXFSZ and handles SIGINT; the program must start with
-        # the defaults and the empty mask a shell would give it.
-        for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
-            with contextlib.suppress(OSError, ValueError):
-                signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        # Only 0, 1 and 2 go to the program: an inherited descriptor could lead out of the root.
-        os.closerange(3, exec_w)
-        os.closerange(exec_w + 1, os.sysconf("SC_OPEN_MAX"))
-        os.execvpe(argv[0], argv, env)
-    except OSError as e:
-        err = e.errno or errno.EINVAL
-    finally:
-        with contextlib.suppress(OSError):
-            os.write(exec_w, str(err).encode())
-        os._exit(127)
-
-
-def exec_failure(err: int, name: str, env: dict[str, str]) -> tuple[int, str]:
-    """Map a failed exec to the shell's status and a message, judged from inside the root."""
-    if err != errno.ENOENT:
-        return 126, f"cannot execute {name}: {os.strerror(err)}"
-    paths = [name] if "/" in name else [os.path.join(d or ".", name)
-                                        for d in os.get_exec_path(env)]
-    found = next((path for path in paths if os.path.exists(path)), None)
-    if found is None:
-        return 127, f"{name}: not found in the root"
-    # The file is there, so what is missing is its ELF interpreter or its #! interpreter.
-    return 126, f"cannot execute {found}: its interpreter is missing from the root"
-
-
-def supervise(pid: int, on_tty: bool, orphans: bool) -> int:
-    """Pass signals on to pid until it ends, and return its status the way a shell does.
-
-    The caller has blocked WAITED. With orphans (the init's case) any other child is reaped.
-    """
-    while True:
-        info = signal.sigwaitinfo(WAITED)
-        if info.si_signo == signal.SIGCHLD:
-            status = reap(pid, orphans)
-            if status is not None:
-                return status
-        # Ctrl-C and friends from the terminal already reached the whole foreground group.
-        elif not (on_tty and info.si_code == SI_KERNEL):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, info.si_signo)
-
-
-def reap(pid: int, orphans: bool) -> int | None:
-    while True:
-        found, status = os.waitpid(-1 if orphans else pid, os.WNOHANG)
-        if found == 0:
-            return None
-        if found == pid:
-            code = os.waitstatus_to_exitcode(status)
-            return code if code >= 0 else 128 - code
-
-
-def send(fd: int, message: dict[str, str]) -> None:
-    os.write(fd, json.dumps(message).encode() + b"\n")
-
-
-def read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def read_report(fd: int) -> dict[str, str]:
-    data = read_all(fd)
-    if not data:
-        return {}
-    report: dict[str, str] = json.loads(data.splitlines()[0])
-    return report
+def read_reports(fd: int) -> list[dict[str, str]]:
+    reports = []
+    for line in read_all(fd).splitlines():
+        with contextlib.suppress(ValueError):
+            report = json.loads(line)
+            if isinstance(report, dict):
+                reports.append({str(k): str(v) for k, v in report.items()})
+    return reports

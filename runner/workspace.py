@@ -1,57 +1,63 @@
-"""Private temporary roots under one base per user, deleted without crossing a mount."""
+"""Private temporary roots under one base per user: locked while in use, swept once stale."""
 
 import errno
+import fcntl
 import logging
 import os
-import re
-import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
-from runner.sandbox import RunError
+from runner.cleanup import O_READDIR, remove_tree
+from runner.errors import RunError
 
 log = logging.getLogger(__name__)
 
-O_PATHDIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-O_READDIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-# mountinfo writes space, tab, newline and backslash in paths as \ooo.
-OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+# Roots of runs that may be swept once their lock is free; --keep roots are never swept.
+RUN_PREFIX = "run-"
+KEEP_PREFIX = "keep-"
 
 
 @contextmanager
 def workspace(tmpdir: str | None = None, keep: bool = False) -> Iterator[str]:
-    """Yield a fresh private directory for one run's root; delete it afterwards unless keep.
+    """Yield a fresh, empty, private directory for one run's root; delete it afterwards.
 
-    It is made in (tmpdir or $TMPDIR or /tmp)/rpack-<uid>. Deletion refuses to start while
-    anything is mounted at or under it, never follows a symlink, and copes with unwritable
-    and very deep directories. A refusal or failure raises RunError.
+    It is made in the base (tmpdir or $TMPDIR or /tmp)/rpack-<uid>, which must be a
+    directory of ours, mode 0700, on a filesystem that allows exec. The directory holds an
+    exclusive flock(2) for as long as this process, or a child that inherited the
+    descriptor, lives; a later workspace() in the same base sweeps roots whose lock is free,
+    that is roots left by a runner that was killed. With keep the root is named keep-*, never
+    swept and never deleted. Deletion refuses to start while anything is mounted at or under
+    the root, never follows a symlink, and copes with unwritable and very deep directories.
+    A refusal or failure raises RunError.
     """
-    base = make_base(tmpdir or os.environ.get("TMPDIR") or "/tmp")
+    base_fd, base = open_base(tmpdir or os.environ.get("TMPDIR") or "/tmp")
     try:
-        root = tempfile.mkdtemp(prefix="run-", dir=base)
-    except OSError as e:
-        raise RunError(f"cannot create a directory in {base}: {e.strerror}") from e
+        sweep(base_fd, base)
+        root, lock = create(base_fd, base, KEEP_PREFIX if keep else RUN_PREFIX)
+    finally:
+        os.close(base_fd)
     log.debug("workspace %s", root)
 
     try:
-        yield root
-    except BaseException:
-        # The first failure is the one to report; a failed cleanup is only logged.
+        try:
+            yield root
+        except BaseException:
+            # The first failure is the one to report; a failed cleanup is only logged.
+            if not keep:
+                try:
+                    remove_tree(root)
+                except RunError as e:
+                    log.error("%s", e)
+            raise
         if not keep:
-            try:
-                remove_tree(root)
-            except RunError as e:
-                log.error("%s", e)
-        raise
-    if not keep:
-        remove_tree(root)
+            remove_tree(root)
+    finally:
+        os.close(lock)
 
 
-def make_base(parent: str) -> str:
-    """Create or check parent/rpack-<uid>: a real directory of ours, mode 0700."""
+def open_base(parent: str) -> tuple[int, str]:
+    """Create or check parent/rpack-<uid>: a real directory of ours, mode 0700, exec allowed."""
     uid = os.geteuid()
     base = os.path.join(parent, f"rpack-{uid}")
     try:
@@ -68,123 +74,71 @@ def make_base(parent: str) -> str:
         what = "a symlink or not a directory" if e.errno in (errno.ELOOP, errno.ENOTDIR) else ""
         raise RunError(f"refusing to use {base}: {what or e.strerror}") from e
     try:
-        owner = os.fstat(fd).st_uid
-        if owner != uid:
-            raise RunError(f"refusing to use {base}: it belongs to uid {owner}",
+        st = os.fstat(fd)
+        if st.st_uid != uid:
+            raise RunError(f"refusing to use {base}: it belongs to uid {st.st_uid}",
                            hint="someone may be preparing an attack; choose --tmpdir")
         os.fchmod(fd, 0o700)
-    finally:
+        # The root is bind-mounted with the base's flags, so a program could not start;
+        # better said now than after unpacking.
+        if os.fstatvfs(fd).f_flag & os.ST_NOEXEC:
+            raise RunError(f"the temporary directory {parent} is on a noexec filesystem, "
+                           "where no program can run",
+                           hint="choose another place with --tmpdir or TMPDIR")
+    except BaseException:
         os.close(fd)
-    return base
+        raise
+    return fd, base
 
 
-def mount_points() -> list[str]:
-    """The mount points of this mount namespace, from /proc/self/mountinfo."""
+def create(base_fd: int, base: str, prefix: str) -> tuple[str, int]:
+    """Make a new root in base and lock it; return its path and the lock's descriptor."""
+    # Sweepers lock the base exclusively, so none sees the new root before its own lock.
+    fcntl.flock(base_fd, fcntl.LOCK_SH)
     try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise RunError(f"cannot read /proc/self/mountinfo to look for mounts: {e.strerror}") from e
-    # The fifth field is the mount point.
-    return [os.fsdecode(OCTAL_ESCAPE.sub(unescape, line.split(b" ")[4])) for line in lines]
-
-
-def unescape(match: re.Match[bytes]) -> bytes:
-    return bytes([int(match[1], 8)])
-
-
-def remove_tree(root: str) -> None:
-    """Delete root and everything in it; refuse, deleting nothing, if a mount is inside."""
-    real = os.path.realpath(root)
-    if not os.path.lexists(real):
-        return
-    # A bind mount has the same st_dev as its surroundings, so only the mount table tells.
-    inside = [m for m in mount_points() if m == real or m.startswith(real.rstrip("/") + "/")]
-    if inside:
-        raise RunError(f"refusing to delete {root}: {inside[0]} is mounted inside it",
-                       hint="unmount it, then delete the directory by hand")
-
-    parent, name = os.path.split(real)
-    parent_fd = os.open(parent, O_READDIR)
-    try:
-        delete(parent_fd, name, real)
+        try:
+            root = tempfile.mkdtemp(prefix=prefix, dir=base)
+        except OSError as e:
+            raise RunError(f"cannot create a directory in {base}: {e.strerror}") from e
+        lock = os.open(root, O_READDIR)
+        fcntl.flock(lock, fcntl.LOCK_EX)
     finally:
-        os.close(parent_fd)
+        fcntl.flock(base_fd, fcntl.LOCK_UN)
+    return root, lock
 
 
-@dataclass
-class Level:
-    name: str
-    ident: tuple[int, int]
-    subdirs: list[str]
-
-
-def delete(parent_fd: int, name: str, path: str) -> None:
-    """Delete parent_fd/name depth first, without recursion and one directory open at a time."""
-    stack: list[Level] = []
-    fd = -1
+def sweep(base_fd: int, base: str) -> None:
+    """Delete the roots in base that no live runner holds, left by one that was killed."""
     try:
-        fd, st = open_dir(parent_fd, name, None)
-        dev = st.st_dev
-        stack.append(Level(name, (st.st_dev, st.st_ino), unlink_files(fd)))
-        while stack:
-            level = stack[-1]
-            if level.subdirs:
-                child = level.subdirs.pop()
-                child_fd, st = open_dir(fd, child, dev)
-                os.close(fd)
-                fd = child_fd
-                stack.append(Level(child, (st.st_dev, st.st_ino), unlink_files(fd)))
-                continue
-
-            stack.pop()
-            up = climb(fd, stack[-1].ident) if stack else parent_fd
-            os.close(fd)
-            fd = up if stack else -1
-            os.rmdir(level.name, dir_fd=up)
-    except OSError as e:
-        where = os.path.join(os.path.dirname(path), *[item.name for item in stack],
-                             e.filename or "")
-        raise RunError(f"cannot delete {where.rstrip('/')}: {e.strerror}") from e
-    finally:
-        if fd >= 0:
-            os.close(fd)
-
-
-def open_dir(dir_fd: int, name: str, dev: int | None) -> tuple[int, os.stat_result]:
-    """Open a directory for deletion without following a link, making it writable if needed."""
-    path_fd = os.open(name, O_PATHDIR, dir_fd=dir_fd)
+        fcntl.flock(base_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # another runner is sweeping or creating; the next run sweeps
     try:
-        st = os.fstat(path_fd)
-        if dev is not None and st.st_dev != dev:
-            raise OSError(errno.EXDEV, "another filesystem is mounted there", name)
-        if st.st_mode & 0o700 != 0o700:
-            # Deleting entries needs write and search permission on the directory. The chmod
-            # goes through the descriptor, so it can only ever reach this directory.
-            os.chmod(f"/proc/self/fd/{path_fd}", stat.S_IMODE(st.st_mode) | 0o700)
-        return os.open(".", O_READDIR, dir_fd=path_fd), st
+        stale = [(name, lock) for name in sorted(os.listdir(base_fd))
+                 if name.startswith(RUN_PREFIX) and (lock := take_lock(base_fd, name)) >= 0]
     finally:
-        os.close(path_fd)
+        fcntl.flock(base_fd, fcntl.LOCK_UN)
+
+    # Deleted while still locked, so that no other sweeper starts on the same root.
+    for name, lock in stale:
+        try:
+            remove_tree(os.path.join(base, name))
+            log.info("removed %s, left behind by a run that was killed", name)
+        except RunError as e:
+            log.warning("%s", e)
+        finally:
+            os.close(lock)
 
 
-def unlink_files(fd: int) -> list[str]:
-    """Unlink everything in the directory but its subdirectories, and return their names."""
-    with os.scandir(fd) as it:
-        entries = list(it)
-    subdirs = []
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            subdirs.append(entry.name)
-        else:
-            os.unlink(entry.name, dir_fd=fd)
-    return subdirs
-
-
-def climb(fd: int, ident: tuple[int, int]) -> int:
-    """Open the parent of fd, checking it is still the directory we came down from."""
-    up = os.open("..", O_READDIR, dir_fd=fd)
-    st = os.fstat(up)
-    if (st.st_dev, st.st_ino) != ident:
-        os.close(up)
-        raise OSError(errno.ESTALE, "the tree was moved while being deleted", "..")
-    return up
+def take_lock(base_fd: int, name: str) -> int:
+    """The locked descriptor of base/name, or -1 if a live runner holds it."""
+    try:
+        fd = os.open(name, O_READDIR, dir_fd=base_fd)
+    except OSError:
+        return -1  # gone meanwhile, or not a directory: not ours to delete
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    return fd

@@ -6,6 +6,7 @@ import pty
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -14,13 +15,15 @@ import traceback
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from runner import RunError, linux, run, workspace
+from runner import Bind, RunError, linux, run, workspace
 
 NOBODY = 65534
 ENV = {"PATH": "/usr/bin:/bin"}
+SECRET = "runner-secret-8f2e"
 PROGRAMS = ("/bin/dash", "/usr/bin/sleep")
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
@@ -42,8 +45,11 @@ def libraries() -> list[str]:
                    if word.startswith("/") and not word.endswith(":")})
 
 
-def build_root(root: str) -> None:
-    """A usr-merged root with dash as sh, sleep, their libraries and a few broken programs."""
+def build_root(root: str, extra: dict[str, str] | None = None) -> None:
+    """A usr-merged root with dash as sh, sleep, their libraries and a few broken programs.
+
+    `extra` maps more paths in the root to the host files copied there.
+    """
     for name in ("usr/bin", "usr/lib", "usr/lib64", "proc", "dev", "tmp"):
         os.makedirs(os.path.join(root, name))
     for name in ("bin", "lib", "lib64"):
@@ -59,6 +65,8 @@ def build_root(root: str) -> None:
     os.chmod(os.path.join(root, "usr/bin/noexec"), 0o644)
     Path(root, "usr/bin/nointerp").write_text("#!/no/such/interpreter\n")
     os.chmod(os.path.join(root, "usr/bin/nointerp"), 0o755)
+    for path, source in (extra or {}).items():
+        shutil.copy(source, root + path)
 
 
 def drop_to_nobody() -> None:
@@ -119,10 +127,15 @@ def in_child(body: Callable[[], None], *, nobody: bool = False) -> None:
 
 
 def start(tmpdir: Path, argv: list[str], *, nobody: bool = False, tty: bool = False,
-          workdir: str = "/") -> tuple[int, int]:
+          workdir: str = "/", binds: tuple[Bind, ...] = (), grace: float = 10,
+          extra: dict[str, str] | None = None, stdin: str | None = None,
+          prepare: Callable[[str], None] | None = None) -> tuple[int, int]:
     """Fork rpack's side of a run: a workspace, a root built in it, run() of argv there.
 
     Returns the pid and a descriptor for the program's output (the terminal's, with tty).
+    The runner's own environment holds SECRET, which the program must not be able to read.
+    `prepare` finishes the root, before the runner drops to nobody. `stdin` names a file to
+    put on the runner's standard input.
     """
     libraries()
     out_w = -1
@@ -136,13 +149,18 @@ def start(tmpdir: Path, argv: list[str], *, nobody: bool = False, tty: bool = Fa
         try:
             if not tty:
                 os.dup2(out_w, 1)
+            if stdin:
+                os.dup2(os.open(stdin, os.O_RDONLY), 0)
             # An inheritable descriptor of the runner's that the program must not get.
             os.dup2(1, 7)
             if nobody:
                 drop_to_nobody()
+            os.environ["RPACK_TEST_SECRET"] = SECRET
             with workspace(str(tmpdir)) as root:
-                build_root(root)
-                code = run(root, argv, ENV, workdir)
+                build_root(root, extra)
+                if prepare:
+                    prepare(root)
+                code = run(root, argv, ENV, workdir, binds=binds, grace=grace)
         except RunError as e:
             print(f"RunError: {e}", file=sys.stderr)
             code = 125
@@ -156,9 +174,9 @@ def start(tmpdir: Path, argv: list[str], *, nobody: bool = False, tty: bool = Fa
     return pid, out
 
 
-def sandbox(tmpdir: Path, argv: list[str], mode: str = "invoker",
-            workdir: str = "/") -> tuple[int, str]:
-    pid, out = start(tmpdir, argv, nobody=mode == "nobody", workdir=workdir)
+def sandbox(tmpdir: Path, argv: list[str], mode: str = "invoker", workdir: str = "/",
+            **options: Any) -> tuple[int, str]:
+    pid, out = start(tmpdir, argv, nobody=mode == "nobody", workdir=workdir, **options)
     output = read(out)
     os.close(out)
     return wait(pid, 20), output
@@ -488,3 +506,405 @@ def test_workspace_refuses_a_base_of_another_user(tmp_path: Path) -> None:
     with pytest.raises(RunError, match=f"belongs to uid {NOBODY}"), workspace(str(tmp_path)):
         pass
     assert list(base.iterdir()) == []
+
+
+# --- escapes, devices and PID 1 ---------------------------------------------------------------
+
+PROBE_C = r"""
+/* Tries to leave the sandbox; prints one line per attempt. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+static int escape(const char *marker) {
+    /* The chroot(2) man page's escape: chroot into a subdirectory while the working
+       directory stays outside it, climb, and make what was reached the root. */
+    if (mkdir("/tmp/jail", 0700) != 0 && errno != EEXIST)
+        return printf("mkdir: %s\n", strerror(errno)), 1;
+    if (chroot("/tmp/jail") != 0)
+        return printf("chroot: %s\n", strerror(errno)), 0;
+    for (int i = 0; i < 64; i++)
+        if (chdir("..") != 0)
+            break;
+    if (chroot(".") != 0)
+        return printf("chroot: %s\n", strerror(errno)), 0;
+    printf(access(marker, F_OK) == 0 ? "escaped\n" : "contained\n");
+    return 0;
+}
+
+static int open_device(const char *path) {
+    int fd = open(path, O_WRONLY);
+    printf("open: %s\n", fd >= 0 ? "ok" : strerror(errno));
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "escape") == 0)
+        return escape(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "mknod") == 0) {
+        int made = mknod(argv[2], S_IFCHR | 0666, makedev(1, 3));
+        printf("mknod: %s\n", made == 0 ? "ok" : strerror(errno));
+        return open_device(argv[2]);
+    }
+    if (argc == 3 && strcmp(argv[1], "open") == 0)
+        return open_device(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "tiocsti") == 0) {
+        /* Pushes a command into the terminal's input, for its shell to run later. */
+        char c = '#';
+        int pushed = ioctl(atoi(argv[2]), TIOCSTI, &c);
+        printf("tiocsti: %s\n", pushed == 0 ? "ok" : strerror(errno));
+        return 0;
+    }
+    return 2;
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def probe() -> Iterator[str]:
+    """A static program that tries the escapes of security.md section 3.1 (nobody reads it)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("no C compiler (gcc) on this machine")
+    where = Path(tempfile.mkdtemp(prefix="rpack-probe-"))
+    where.chmod(0o755)
+    (where / "probe.c").write_text(PROBE_C)
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(where / "probe"), str(where / "probe.c")],
+                   check=True, capture_output=True)
+    yield str(where / "probe")
+    shutil.rmtree(where)
+
+
+@pytest.fixture
+def marker(shared_tmp: Path) -> Iterator[Path]:
+    """A host file that no program in a root may reach."""
+    path = Path(tempfile.mkdtemp(dir=shared_tmp)) / "host-marker"
+    path.write_text("host")
+    yield path
+    assert path.read_text() == "host"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nested_chroot_does_not_reach_the_host(shared_tmp: Path, mode: str, probe: str,
+                                               marker: Path) -> None:
+    status, output = sandbox(shared_tmp, ["probe", "escape", str(marker)], mode,
+                             extra={"/usr/bin/probe": probe})
+    assert status == 0
+    # Real root has no CAP_SYS_CHROOT left; root of a user namespace may chroot, but above the
+    # pivoted, detached root there is nothing.
+    expected = "contained\n" if mode == "nobody" else "chroot: Operation not permitted\n"
+    assert output == expected
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_device_node_cannot_be_made(shared_tmp: Path, mode: str, probe: str) -> None:
+    status, output = sandbox(shared_tmp, ["probe", "mknod", "/tmp/null"], mode,
+                             extra={"/usr/bin/probe": probe})
+    assert (status, output) == (0, "mknod: Operation not permitted\n"
+                                   "open: No such file or directory\n")
+
+
+@pytest.mark.root
+@needs_root
+def test_device_node_in_the_root_cannot_be_used(shared_tmp: Path, probe: str) -> None:
+    # A node made on the host (an archive never carries one) is useless: the root is nodev.
+    def mknod(root: str) -> None:
+        os.mknod(os.path.join(root, "tmp/null"), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+
+    status, output = sandbox(shared_tmp, ["probe", "open", "/tmp/null"],
+                             extra={"/usr/bin/probe": probe}, prepare=mknod)
+    assert (status, output) == (0, "open: Permission denied\n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pid_1_shows_nothing_of_the_runner(shared_tmp: Path, mode: str) -> None:
+    # The init is not dumpable: its environment (the runner's), memory and descriptors stay
+    # closed to the program, whatever uid both have. Once the program runs, the init holds
+    # nothing but 0, 1 and 2 (as real root, the names can be listed, never opened).
+    script = ("sleep 0.5; for f in /proc/1/environ /proc/1/mem; do "
+              "if read -r x < $f; then echo readable: $f; fi; done 2>/dev/null; "
+              "for fd in /proc/1/fd/*; do [ -e $fd ] && echo reachable: $fd; "
+              "case ${fd##*/} in 0|1|2|'*') ;; *) echo held: $fd;; esac; done; "
+              "[ -e /proc/self/fd/0 ] && echo own descriptors reachable")
+    assert sandbox(shared_tmp, ["sh", "-c", script], mode) == (
+        0, "own descriptors reachable\n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_program_starts_with_default_signals(shared_tmp: Path, mode: str) -> None:
+    script = ("while read key value; do case $key in SigBlk:|SigIgn:) echo $key $value;; esac; "
+              "done < /proc/self/status")
+    assert sandbox(shared_tmp, ["sh", "-c", script], mode) == (
+        0, "SigBlk: 0000000000000000\nSigIgn: 0000000000000000\n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_init_reaps_orphans(shared_tmp: Path, mode: str) -> None:
+    # The subshell's sleep is orphaned at once and ends while the program still runs.
+    script = ("(sleep 0.1 &); sleep 1; for f in /proc/[0-9]*/stat; do read -r line < $f; "
+              "case $line in *') Z '*) echo zombie: $line;; esac; done; echo done")
+    assert sandbox(shared_tmp, ["sh", "-c", script], mode) == (0, "done\n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_signals_sent_to_pid_1_from_inside_are_not_passed_on(shared_tmp: Path,
+                                                             mode: str) -> None:
+    script = "kill -TERM 1; kill -INT 1; sleep 0.5; echo still running"
+    assert sandbox(shared_tmp, ["sh", "-c", script], mode) == (0, "still running\n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_program_ignoring_sigterm_is_killed_after_the_grace_period(shared_tmp: Path,
+                                                                   mode: str) -> None:
+    seconds = f"{len(mode)}{os.getpid()}.75"
+    script = f"trap '' TERM; sleep {seconds} & echo started; wait"
+    pid, out = start(shared_tmp, ["sh", "-c", script], nobody=mode == "nobody", grace=1)
+    assert read(out, until=b"started") == "started\n"
+    os.kill(pid, signal.SIGTERM)
+    assert wait(pid, 20) == 128 + signal.SIGKILL
+    assert wait_for(lambda: not sleepers(seconds))
+    os.close(out)
+
+
+# --- binds ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bind_host_paths_read_write_and_read_only(shared_tmp: Path, mode: str) -> None:
+    shared = Path(tempfile.mkdtemp(dir=shared_tmp))
+    shared.chmod(0o777)
+    config = shared_tmp / f"config-{mode}"
+    config.write_text("from the host\n")
+    config.chmod(0o666)
+    binds = (Bind.parse(f"{shared}:/data"), Bind.parse(f"{config}:/etc/deep/config:ro"))
+    script = ("read -r x < /etc/deep/config; echo $x; echo made > /data/new && echo wrote; "
+              "echo changed > /etc/deep/config || echo read-only")
+    status, output = sandbox(shared_tmp, ["sh", "-c", f"{script} 2>/dev/null"], mode, binds=binds)
+    assert (status, output) == (0, "from the host\nwrote\nread-only\n")
+    assert (shared / "new").read_text() == "made\n"
+    assert config.read_text() == "from the host\n"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bind_defaults_to_the_same_path(shared_tmp: Path, mode: str) -> None:
+    shared = Path(tempfile.mkdtemp(dir=shared_tmp))
+    shared.chmod(0o755)
+    (shared / "hello").write_text("hi\n")
+    (shared / "hello").chmod(0o644)
+    status, output = sandbox(shared_tmp, ["sh", "-c", f"read x < {shared}/hello; echo $x"], mode,
+                             binds=(Bind.parse(str(shared)),))
+    assert (status, output) == (0, "hi\n")
+
+
+@pytest.mark.parametrize(("dest", "message"), [
+    ("/bin/data", "/bin in the root is a symlink to usr/bin"),
+    ("/decoy/sub", "/decoy in the root is a symlink to {outside}"),
+    ("/decoy", "/decoy in the root is a symlink to {outside}"),
+    ("/usr/bin/sh/x", "/usr/bin/sh in the root is a symlink to dash"),
+    ("/usr/bin/noexec/x", "/usr/bin/noexec in the root is not a directory"),
+    ("/usr/bin/noexec", "/usr/bin/noexec in the root is not a directory"),
+])
+def test_bind_destination_through_a_link_is_refused(tmp_path: Path, dest: str,
+                                                    message: str) -> None:
+    root = tmp_path / "root"
+    build_root(str(root))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "decoy").symlink_to(outside)
+    source = tmp_path / "source"
+    source.mkdir()
+    before = mountinfo()
+    with pytest.raises(RunError, match=message.format(outside=outside)):
+        run(str(root), ["sh", "-c", "true"], ENV, binds=[Bind.parse(f"{source}:{dest}")])
+    assert mountinfo() == before
+    assert list(outside.iterdir()) == []
+    assert not (root / "usr/bin/data").exists()
+
+
+def test_bind_of_a_file_onto_a_directory_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    build_root(str(root))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunError, match="/usr/bin in the root is a directory"):
+        run(str(root), ["sh", "-c", "true"], ENV, binds=[Bind.parse(f"{tmp_path}/file:/usr/bin")])
+
+
+@pytest.mark.parametrize(("text", "bind"), [
+    ("/a", Bind("/a", "a")),
+    ("/a:/b", Bind("/a", "b")),
+    ("/a:/b/./c/:ro", Bind("/a", "b/c", read_only=True)),
+    ("/a::rw", Bind("/a", "a")),
+])
+def test_bind_parse(text: str, bind: Bind) -> None:
+    assert Bind.parse(text) == bind
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("/a:b", "absolute path"), ("/a:/../etc", "without '..'"), ("/a:/", "whole root"),
+    ("/a:/b:rx", "ro or rw"), (":/b", "SRC"), ("/a:/b:ro:x", "SRC"),
+])
+def test_bind_parse_refuses(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Bind.parse(text)
+
+
+# --- workspace: locking and sweeping ----------------------------------------------------------
+
+
+def test_stale_roots_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    with workspace(str(tmp_path)) as live:
+        base = Path(live).parent
+        # A root whose runner was killed: nobody holds its lock.
+        stale = base / "run-stale"
+        (stale / "usr/deep").mkdir(parents=True)
+        (stale / "usr/deep/file").write_text("x")
+        os.chmod(stale / "usr/deep", 0o500)
+        kept = base / "keep-earlier"
+        kept.mkdir()
+        with workspace(str(tmp_path)) as other:
+            assert Path(live).is_dir()
+            assert not stale.exists()
+            assert kept.is_dir()
+        assert not os.path.lexists(other)
+    assert sorted(p.name for p in base.iterdir()) == ["keep-earlier"]
+
+
+def test_workspace_root_is_locked_while_in_use(tmp_path: Path) -> None:
+    import fcntl
+
+    with workspace(str(tmp_path)) as root:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+
+
+def test_sweep_never_follows_links_or_crosses_mounts(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("keep")
+    with workspace(str(tmp_path)) as root:
+        base = Path(root).parent
+    (base / "run-link").symlink_to(elsewhere)
+    (base / "run-dir").mkdir()
+    (base / "run-dir" / "link").symlink_to(elsewhere)
+    with workspace(str(tmp_path)):
+        pass
+    assert sorted(p.name for p in base.iterdir()) == ["run-link"]
+    assert (elsewhere / "keep").read_text() == "keep"
+
+
+@pytest.mark.root
+@needs_root
+def test_stale_root_with_a_mount_is_refused_not_deleted(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "canary").write_text("keep")
+
+    def body() -> None:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        base = tmp_path / f"rpack-{os.geteuid()}"
+        (base / "run-stale" / "mnt").mkdir(parents=True, mode=0o700)
+        base.chmod(0o700)
+        linux.mount(str(decoy), str(base / "run-stale" / "mnt"), None, linux.MS_BIND)
+        with workspace(str(tmp_path)):
+            pass
+        assert (base / "run-stale" / "mnt" / "canary").read_text() == "keep"
+
+    in_child(body)
+    assert (decoy / "canary").read_text() == "keep"
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("mode", MODES)
+def test_noexec_base_is_refused_before_anything_is_made(shared_tmp: Path, mode: str) -> None:
+    place = shared_tmp / "noexec"
+    place.mkdir()
+
+    def body() -> None:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        linux.mount("tmpfs", str(place), "tmpfs", linux.MS_NOEXEC, "mode=1777")
+        if mode == "nobody":
+            drop_to_nobody()
+        with pytest.raises(RunError, match="is on a noexec filesystem"), \
+                workspace(str(place)):
+            pass
+        assert [p.name for p in place.iterdir()] == [f"rpack-{os.geteuid()}"]
+        assert list(place.glob("*/*")) == []
+
+    in_child(body)
+
+
+def state(pid: int) -> str:
+    """The state letter of a process (R, S, T...), or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sigtstp_stops_the_program_with_the_runner_and_sigcont_resumes_it(shared_tmp: Path,
+                                                                         mode: str) -> None:
+    # What Ctrl-Z does when only stdout is a terminal: the shell waits for rpack to stop.
+    seconds = f"{len(mode)}{os.getpid()}.125"
+    script = f"sleep {seconds} & echo started; sleep {seconds}"
+    pid, out = start(shared_tmp, ["sh", "-c", script], nobody=mode == "nobody")
+    try:
+        assert read(out, until=b"started") == "started\n"
+        assert wait_for(lambda: len(sleepers(seconds)) == 2)
+        os.kill(pid, signal.SIGTSTP)
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        assert wait_for(lambda: {state(p) for p in sleepers(seconds)} == {"T"})
+
+        os.kill(pid, signal.SIGCONT)
+        assert wait_for(lambda: {state(p) for p in sleepers(seconds)} == {"S"})
+        os.kill(pid, signal.SIGTERM)
+        assert wait(pid, 20) == 143
+        assert wait_for(lambda: not sleepers(seconds))
+    finally:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        os.close(out)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_program_cannot_push_input_into_the_callers_terminal(shared_tmp: Path, mode: str,
+                                                             probe: str) -> None:
+    # stdout is the caller's terminal, stdin is not: no pseudo-terminal, and the caller's
+    # terminal is not the program's controlling terminal (EIO where legacy_tiocsti is off).
+    pid, terminal = start(shared_tmp, ["probe", "tiocsti", "1"], nobody=mode == "nobody",
+                          tty=True, stdin="/dev/null", extra={"/usr/bin/probe": probe})
+    output = read(terminal)
+    assert wait(pid, 20) == 0
+    assert output.replace("\r", "") in ("tiocsti: Operation not permitted\n",
+                                        "tiocsti: Input/output error\n")
+    os.close(terminal)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_program_on_a_terminal_leads_a_session_with_a_terminal_of_its_own(shared_tmp: Path,
+                                                                          mode: str) -> None:
+    # Fields of /proc/self/stat: pid (comm) state ppid pgrp session tty_nr.
+    script = ("read -r line < /proc/self/stat; set -- $line; [ $1 = $6 ] && echo leader; "
+              "[ $7 != 0 ] && echo controlling terminal; [ -t 0 ] && [ -t 1 ] && echo on it; "
+              "[ -c /dev/pts/0 ] && echo pts/0")
+    pid, terminal = start(shared_tmp, ["sh", "-c", script], nobody=mode == "nobody", tty=True)
+    output = read(terminal)
+    assert wait(pid, 20) == 0
+    assert output.replace("\r", "") == "leader\ncontrolling terminal\non it\npts/0\n"
+    os.close(terminal)
