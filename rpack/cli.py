@@ -8,12 +8,14 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 
 if TYPE_CHECKING:
     from packer.pack import Options
+    from runner import Bind
+    from unpacker.limits import Limits
 
 logger = logging.getLogger("rpack")
 
@@ -28,11 +30,29 @@ class _Formatter(logging.Formatter):
         return prefix + record.getMessage()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in rpack's own shape: one `rpack: error:` line and a hint, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("rpack").strip()
+        _error(message, f"see 'rpack {command + ' ' if command else ''}--help'")
+        sys.exit(2)
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _bind(text: str) -> Bind:
+    from runner import Bind
+
+    try:
+        return Bind.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _common(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -46,16 +66,97 @@ def _common(parser: argparse.ArgumentParser, top: bool) -> None:
                         help="debug output and tracebacks")
 
 
+def _size(text: str) -> int:
+    """A size in bytes: a number, optionally with a K, M, G or T suffix (powers of 1024)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:].upper())
+    number = text[:-1] if scale else text
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, got {text!r}")
+    return int(number) * (scale or 1)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return int(text)
+
+
+def _unpack_options(parser: argparse.ArgumentParser, extracting: bool) -> None:
+    """The reader's limits and, for commands that extract, what to trust the archive with."""
+    from unpacker.limits import GiB, Limits
+
+    default = Limits()
+    limits = parser.add_argument_group("limits (an archive over one is refused)")
+    limits.add_argument("--max-total-size", type=_size, metavar="SIZE",
+                        help=f"files adding up to more (default {default.max_total_bytes // GiB}G)")
+    limits.add_argument("--max-member-size", type=_size, metavar="SIZE",
+                        help=f"a file larger (default {default.max_member_size // GiB}G)")
+    limits.add_argument("--max-members", type=_count, metavar="N",
+                        help=f"more members (default {default.max_members})")
+    limits.add_argument("--max-depth", type=_count, metavar="N",
+                        help=f"a path deeper (default {default.max_depth})")
+    if extracting:
+        parser.add_argument("--trust-setuid", action="store_true",
+                            help="keep setuid and setgid bits (default: stripped)")
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    from unpacker.limits import Limits
+
+    given = {"max_total_bytes": args.max_total_size, "max_member_size": args.max_member_size,
+             "max_members": args.max_members, "max_depth": args.max_depth}
+    return Limits(**{key: value for key, value in given.items() if value is not None})
+
+
+def _unpack_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
+    extract = commands.add_parser("extract", help="check an archive and unpack it",
+                                  description="Check ARCHIVE and unpack it into DIR, new or "
+                                  "empty; a refused or failed extraction leaves DIR empty.")
+    _common(extract, top=False)
+    _unpack_options(extract, extracting=True)
+    extract.add_argument("--numeric-owner", action="store_true",
+                         help="give files the archive's numeric uid and gid (root only; "
+                         "default: owned by the extracting user)")
+    extract.add_argument("archive", metavar="ARCHIVE", help="archive file, or - for stdin")
+    extract.add_argument("dir", metavar="DIR", help="where to unpack: a new or empty directory")
+
+    listing = commands.add_parser("list", help="list the members, like tar -tv",
+                                  description="List ARCHIVE's members as tar -tv does, "
+                                  "checking each as it streams past.")
+    _common(listing, top=False)
+    _unpack_options(listing, extracting=False)
+    listing.add_argument("--json", action="store_true", help="one JSON list of members")
+    listing.add_argument("archive", metavar="ARCHIVE", help="archive file, or - for stdin")
+
+    inspect = commands.add_parser("inspect", help="summarise an archive",
+                                  description="Check ARCHIVE and show its programs, entrypoint, "
+                                  "platform, sizes and identity (the sha256 of its tar).")
+    _common(inspect, top=False)
+    _unpack_options(inspect, extracting=False)
+    inspect.add_argument("--json", action="store_true", help="one JSON object")
+    inspect.add_argument("archive", metavar="ARCHIVE", help="archive file, or - for stdin")
+
+    verify = commands.add_parser("verify", help="check an archive, writing nothing",
+                                 description="Run every check of extract over ARCHIVE, "
+                                 "writing nothing.")
+    _common(verify, top=False)
+    _unpack_options(verify, extracting=False)
+    verify.add_argument("--any-platform", action="store_true",
+                        help="do not check that this host can run the archive's programs")
+    verify.add_argument("archive", metavar="ARCHIVE", help="archive file, or - for stdin")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rpack",
         description="Pack a Linux program with everything it needs into one root-filesystem "
                     "tar.zst, and run it anywhere.")
     parser.add_argument("--version", action="version", version=f"rpack {__version__}")
     _common(parser, top=True)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
 
-    resolve = argparse.ArgumentParser(add_help=False)
+    resolve = _Parser(add_help=False)
     resolve.add_argument("--add", action="append", default=[], metavar="PATH",
                          help="also pack a file or a tree; ELF files in it get their libraries")
     resolve.add_argument("--exclude", action="append", default=[], metavar="GLOB",
@@ -75,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the default working directory")
     create.add_argument("-l", "--level", type=int, default=3, choices=range(1, 23),
                         metavar="LEVEL", help="zstd level, 1 to 22 (default 3)")
-    create.add_argument("-T", "--threads", type=int, default=0,
-                        help="zstd threads (default: all cores)")
+    create.add_argument("-T", "--threads", type=int, default=0, choices=range(0, 257),
+                        metavar="THREADS", help="zstd threads (default 0: all cores)")
     create.add_argument("archive", metavar="ARCHIVE", help="output file, or - for stdout")
     create.add_argument("programs", nargs="+", metavar="PROGRAM")
 
@@ -90,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Unpack ARCHIVE into a private root and run its "
                               "entrypoint there with ARGs.")
     _common(run, top=False)
+    _unpack_options(run, extracting=True)
     run.add_argument("--entrypoint", metavar="PATH", help="run another packed program")
     run.add_argument("--env", action="append", default=[], type=_key_value,
                      metavar="KEY=VALUE", help="set a variable for the program")
@@ -97,8 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep", action="store_true", help="keep the root and say where it is")
     run.add_argument("--tmpdir", metavar="DIR",
                      help="where the temporary root goes (default: $TMPDIR or /tmp)")
+    run.add_argument("--bind", action="append", default=[], type=_bind,
+                     metavar="SRC[:DST[:ro]]", help="let the program see the host path SRC at "
+                     "DST (default: the same path), read-only with :ro")
     run.add_argument("archive", metavar="ARCHIVE", help="archive file, or - for stdin")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")
+    _unpack_commands(commands)
     return parser
 
 
@@ -160,15 +266,78 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runner.launch import launch
 
     return launch(args.archive, args.args, entrypoint=args.entrypoint, env=dict(args.env),
-                  workdir=args.workdir, tmpdir=args.tmpdir, keep=args.keep)
+                  workdir=args.workdir, tmpdir=args.tmpdir, keep=args.keep,
+                  binds=args.bind, limits=_limits(args), trust_setuid=args.trust_setuid)
 
 
-COMMANDS = {"create": cmd_create, "deps": cmd_deps, "run": cmd_run}
+def cmd_extract(args: argparse.Namespace) -> int:
+    from unpacker import extract_to, open_archive
+
+    with open_archive(args.archive) as source:
+        extract_to(source, args.dir, limits=_limits(args), trust_setuid=args.trust_setuid,
+                   numeric_owner=args.numeric_owner)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from unpacker import TarLines, list_members, open_archive
+
+    with open_archive(args.archive) as source:
+        members = list_members(source, limits=_limits(args))
+        if args.json:
+            # Printed once the whole archive has passed every check.
+            json.dump([member.as_json() for member in members], sys.stdout, indent=1)
+            print()
+            return 0
+        lines = TarLines()
+        for member in members:
+            print(lines.line(member))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from unpacker import inspect, open_archive
+
+    with open_archive(args.archive) as source:
+        summary = inspect(source, limits=_limits(args))
+    if args.json:
+        json.dump(summary.as_json(), sys.stdout, indent=1)
+        print()
+    else:
+        print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from unpacker import open_archive, verify
+
+    with open_archive(args.archive) as source:
+        summary = verify(source, limits=_limits(args), check_platform=not args.any_platform)
+    if not args.quiet:
+        print(f"{args.archive}: ok, {summary.members} members, "
+              f"identity sha256:{summary.identity}")
+    return 0
+
+
+def _program_arguments(argv: list[str], archive: str, parsed: list[str]) -> list[str]:
+    """Everything after the archive belongs to the program, a leading `--` too, which argparse
+    would swallow."""
+    for index in range(len(argv) - 1, -1, -1):
+        if argv[index] == archive and argv[index + 1:] == ["--", *parsed]:
+            return ["--", *parsed]
+    return parsed
+
+
+COMMANDS = {"create": cmd_create, "deps": cmd_deps, "run": cmd_run, "extract": cmd_extract,
+            "list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command == "run":
+        args.args = _program_arguments(argv, args.archive, args.args)
     _setup_logging(args)
     failure = EXIT_RUN_FAILURE if args.command == "run" else EXIT_FAILURE
     from packer.errors import PackError
