@@ -8,8 +8,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from runner.cleanup import O_READDIR, remove_tree
+from runner.cleanup import remove_tree
 from runner.errors import RunError
+from unpacker.dirfd import DIR_FLAGS as O_READDIR
 
 log = logging.getLogger(__name__)
 
