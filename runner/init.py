@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from runner import linux
 from runner.errors import RunError
+from runner.identity import prepare_etc
 from runner.mounts import Bind, enter_root
 from runner.terminal import TtySetup, become_controlled, open_pty
 
@@ -41,6 +42,8 @@ class Job:
     tty: TtySetup | None = None
     report: int = -1  # where the relay and the init report failures to the runner
     grace: float = GRACE
+    user: str = "root"  # the invoking user's name on the host, for the generated passwd
+    host_files: bool = True  # bind the host's resolv.conf and hosts read-only
 
 
 def init(job: Job, lifeline: int) -> int:
@@ -55,7 +58,11 @@ def init(job: Job, lifeline: int) -> int:
     close_fds_but(0, 1, 2, job.report, *([job.tty.sock] if job.tty else []))
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
 
-    enter_root(job.root, job.binds, job.userns)
+    def prepare(newroot: int) -> None:
+        for warning in prepare_etc(newroot, job.user, job.host_files):
+            send(job.report, {"warning": warning})
+
+    enter_root(job.root, job.binds, job.userns, prepare)
     try:
         os.chdir(job.workdir)
     except OSError as e:

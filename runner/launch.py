@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO
+from collections.abc import Sequence
+from typing import Any
 
-from unpacker import Limits, extract
+from unpacker import Limits, extract, open_archive
 
 from .errors import RunError
 from .init import GRACE
@@ -20,19 +19,6 @@ from .workspace import workspace
 logger = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-@contextlib.contextmanager
-def _source(archive: str) -> Iterator[BinaryIO]:
-    if archive == "-":
-        yield sys.stdin.buffer
-        return
-    try:
-        f = open(archive, "rb")
-    except OSError as e:
-        raise RunError(f"cannot open {archive!r}: {e.strerror}") from None
-    with f:
-        yield f
 
 
 def environment(manifest: dict[str, Any], extra: dict[str, str]) -> dict[str, str]:
@@ -69,15 +55,16 @@ def launch(archive: str, args: list[str], *, entrypoint: str | None = None,
            env: dict[str, str] | None = None, workdir: str | None = None,
            tmpdir: str | None = None, keep: bool = False, binds: Sequence[Bind] = (),
            limits: Limits | None = None, trust_setuid: bool = False,
-           grace: float = GRACE) -> int:
+           grace: float = GRACE, host_files: bool = True) -> int:
     """Run the archive's entrypoint (or `entrypoint`) with `args`; return its exit status.
 
     The archive is checked as it is unpacked (`limits`, `trust_setuid`: see
     unpacker.extract); the program runs in the sandbox of runner.sandbox.run, seeing the
-    root and the `binds`; the root is deleted afterwards unless `keep`.
+    root and the `binds` (and the host's resolv.conf and hosts, unless not `host_files`);
+    the root is deleted afterwards unless `keep`.
     """
     check_binds(binds)
-    with _source(archive) as source:
+    with open_archive(archive) as source:
         # Before unpacking anything: a host without user namespaces fails at once.
         check_namespaces()
         with workspace(tmpdir, keep) as root:
@@ -88,7 +75,7 @@ def launch(archive: str, args: list[str], *, entrypoint: str | None = None,
                 cwd = workdir or (stored_workdir if isinstance(stored_workdir, str) else "/")
                 logger.debug("running %s in %s", argv, root)
                 return run(root, argv, environment(manifest, env or {}), cwd, binds=binds,
-                           grace=grace)
+                           grace=grace, host_files=host_files)
             finally:
                 if keep:
                     print(f"rpack: the root stays at {root}", file=sys.stderr)

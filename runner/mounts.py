@@ -6,6 +6,7 @@ import logging
 import os
 import posixpath
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from runner import linux
@@ -69,11 +70,13 @@ class Bind:
         return cls(os.path.abspath(source), dest.lstrip("/"), mode == "ro")
 
 
-def enter_root(root: str, binds: list[Bind], userns: bool) -> None:
+def enter_root(root: str, binds: list[Bind], userns: bool,
+               prepare: Callable[[int], None] | None = None) -> None:
     """Make root the whole filesystem of this mount namespace, with a fresh /proc and /dev.
 
     Every mount target inside the root is opened without following links, so no symlink of
-    the archive can aim a mount at the host.
+    the archive can aim a mount at the host. prepare gets the root's descriptor after /dev is
+    mounted and before the binds, which it cannot write through.
     """
     bind_root(root)
     # Opened after the bind: this is the new mount, not the directory underneath it.
@@ -81,6 +84,8 @@ def enter_root(root: str, binds: list[Bind], userns: bool) -> None:
     try:
         mount_proc(newroot)
         mount_dev(newroot)
+        if prepare:
+            prepare(newroot)
         for bind in binds:
             bind_host_path(newroot, bind)
         os.fchdir(newroot)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from runner import linux
 from runner.errors import RunError
+from runner.identity import invoker
 from runner.init import FORWARDED, GRACE, WAITED, Job, init, read_all, reap, send, supervise
 from runner.mounts import Bind
 from runner.terminal import Terminal
@@ -35,11 +36,13 @@ USERNS_DISABLED = ("unprivileged user namespaces are probably disabled "
 
 
 def run(root: str, argv: list[str], env: dict[str, str], workdir: str = "/", *,
-        binds: Sequence[Bind] = (), grace: float = GRACE) -> int:
+        binds: Sequence[Bind] = (), grace: float = GRACE, host_files: bool = True) -> int:
     """Run argv inside the extracted root and return its exit status, the way a shell does.
 
     The status is the program's own, 128+N if signal N ended it, 126 if it could not be
     executed and 127 if it is not in the root. RunError means the sandbox itself failed.
+    The root gets /etc/passwd and /etc/group entries for uid and gid 0, and with host_files
+    the host's /etc/resolv.conf and /etc/hosts, read-only (runner.identity).
     Call it from the main thread: it blocks the forwarded signals there while it waits.
     """
     root = os.path.abspath(root)
@@ -47,7 +50,8 @@ def run(root: str, argv: list[str], env: dict[str, str], workdir: str = "/", *,
     report_r, report_w = os.pipe()
     terminal = Terminal.open()
     job = Job(root, list(argv), dict(env), workdir, list(binds), userns=os.geteuid() != 0,
-              tty=terminal.setup if terminal else None, report=report_w, grace=grace)
+              tty=terminal.setup if terminal else None, report=report_w, grace=grace,
+              user=invoker(), host_files=host_files)
     log.debug("running %s in %s%s", argv, root, " in a user namespace" if job.userns else "")
     try:
         status = start(job, terminal)
