@@ -285,3 +285,44 @@ def glibc_version(path: str) -> str | None:
     except (ELFError, OSError, ValueError, struct.error):
         return None
     return ".".join(map(str, best)) if best else None
+
+
+NT_FDO_DLOPEN = 0x407C0C0A     # .note.dlopen: the libraries an object dlopens, as JSON
+
+
+def dynstr_names(path: str) -> set[bytes]:
+    """Every name in the object's dynamic string table (.dynstr): a cheap test of imports."""
+    try:
+        with open(path, "rb") as f:
+            section = ELFFile(f).get_section_by_name(".dynstr")
+            data = section.data() if section is not None else b""
+    except (ELFError, OSError, ValueError, struct.error):
+        return set()
+    return set(data.split(b"\0"))
+
+
+def dlopen_notes(path: str) -> list[bytes]:
+    """The JSON texts of the FDO .note.dlopen notes of an object (systemd's convention)."""
+    texts = []
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            order = "<" if elf.little_endian else ">"
+            for section in elf.iter_sections():
+                if section.name == ".note.dlopen":
+                    texts += _fdo_notes(section.data(), order)
+    except (ELFError, OSError, ValueError, struct.error):
+        return []
+    return texts
+
+
+def _fdo_notes(data: bytes, order: str) -> list[bytes]:
+    texts, offset = [], 0
+    while offset + 12 <= len(data):
+        namesz, descsz, n_type = struct.unpack_from(order + "III", data, offset)
+        name_at = offset + 12
+        desc_at = name_at + (namesz + 3) // 4 * 4
+        if n_type == NT_FDO_DLOPEN and data[name_at:name_at + namesz].rstrip(b"\0") == b"FDO":
+            texts.append(data[desc_at:desc_at + descsz].rstrip(b"\0"))
+        offset = desc_at + (descsz + 3) // 4 * 4
+    return texts
