@@ -10,13 +10,14 @@ from typing import Any, BinaryIO
 
 from unpacker.format import FORMAT
 
-from . import ldcache
+from . import ldcache, runtime, script
 from .archive import hash_sources, manifest_entries, write_archive
 from .elf import ET_DYN, ET_EXEC, Verdict, abi_note, check_candidate, glibc_version, parse_header
 from .errors import PackError
 from .ldso import LoaderModel
 from .plan import Member, Plan
 from .resolve import LoadedObject, Missing, Resolution, Resolver
+from .trace import TraceResult, run_trace
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ class Options:
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
     allow_missing: bool = False
+    trace: bool = False
+    trace_args: list[str] = field(default_factory=list)
+    trace_excludes: list[str] = field(default_factory=list)
+    trace_includes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -55,16 +60,20 @@ class Collection:
     items: list[Item]
     missing: list[Missing]
     model: LoaderModel | None
+    trace: TraceResult | None = None
 
     def report(self) -> dict[str, Any]:
         """The object `rpack deps --json` prints."""
         interps = [r.interp.name for r in self.resolutions if r.interp is not None]
-        return {
+        report: dict[str, Any] = {
             "programs": self.programs,
             "interpreter": interps[0] if interps else None,
             "files": [vars(item) for item in self.items],
             "missing": [{"name": m.name, "needed_by": m.needed_by} for m in self.missing],
         }
+        if self.trace is not None:
+            report["trace"] = self.trace.report()
+        return report
 
 
 def find_program(name: str, cwd: str) -> str:
@@ -94,11 +103,13 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
         items.setdefault(path, Item(path, source, kind, why))
 
     for program in programs:
-        resolution = resolver.resolve(program)
-        resolutions.append(resolution)
         if plan.add_program(program, "program"):
             note(program, os.path.realpath(program), "program", "named on the command line")
-        _place_resolution(plan, resolution, note)
+        for executable in _place_script(plan, program, options, note):
+            resolution = resolver.resolve(executable)
+            resolutions.append(resolution)
+            _place_resolution(plan, resolution, note)
+    starts = len(resolutions)
     for added in options.adds:
         path = os.path.abspath(os.path.join(cwd, added))
         if not os.path.lexists(path):
@@ -109,10 +120,13 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
             if module is not None:
                 resolutions.append(module)
                 _place_resolution(plan, module, note)
-    missing = _missing(resolutions, module_count=len(resolutions) - len(programs))
+    traced = _place_traced(plan, resolver, options, programs, resolutions, note, cwd)
+    loaded_later = _place_runtime(plan, resolver, resolutions, starts, note)
+    missing = _missing(resolutions, module_count=len(resolutions) - starts)
     for dropped in sorted({d for r in resolutions for d in r.dropped}):
         logger.warning("DT_NEEDED %s is skipped by the loader: $ORIGIN is unknown", dropped)
     _check_missing(missing, options.allow_missing)
+    resolutions += loaded_later
     _check_defaults(plan, options, programs)
     model = next((r.model for r in resolutions if r.model is not None), None)
     if model is not None and model.libc == "glibc":
@@ -123,7 +137,8 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
         _musl_path_file(plan, model, note)
     for directory, mode in (("proc", 0o555), ("dev", 0o755), ("tmp", 0o1777)):
         plan.add_generated_dir(directory, "generated", mode)
-    return Collection(programs, resolutions, plan, list(items.values()), missing, model)
+    return Collection(programs, resolutions, plan, list(items.values()), missing, model,
+                      trace=traced)
 
 
 def _place_resolution(plan: Plan, resolution: Resolution, note: Any) -> None:
@@ -142,6 +157,79 @@ def _place_resolution(plan: Plan, resolution: Resolution, note: Any) -> None:
             if plan.add_object(variant, f"glibc-hwcaps variant of {obj.name}"):
                 note(variant, os.path.realpath(variant), "runtime",
                      f"the loader picks it instead of {obj.name} on other CPUs")
+
+
+def _place_script(plan: Plan, program: str, options: Options, note: Any) -> list[str]:
+    """The ELF programs to resolve for `program`: itself, or the interpreters of a script."""
+    if not script.is_script(program):
+        return [program]
+    hops = script.interpreters(program, options.env.get("PATH", DEFAULT_PATH))
+    for hop in hops:
+        if plan.add_program(hop.path, "script-interpreter"):
+            note(hop.path, os.path.realpath(hop.path), "script-interpreter", hop.why)
+    return [hop.path for hop in hops if not script.is_script(hop.path)]
+
+
+def _place_runtime(plan: Plan, resolver: Resolver, resolutions: list[Resolution], starts: int,
+                   note: Any) -> list[Resolution]:
+    """Place what the programs load at run time (packer/runtime.py); return the resolutions
+    of the libraries among it, whose own missing libraries are only warned about."""
+    model = next((r.model for r in resolutions if r.model is not None), None)
+    objects = [obj for r in resolutions for obj in r.objects]
+    added = plan.members.get(runtime.NSSWITCH_MEMBER)
+    conf = added.source if added is not None and added.source else runtime.NSSWITCH
+    extra = runtime.collect([r.program for r in resolutions[:starts]], objects, model, conf)
+
+    def note_runtime(path: str, source: str | None, kind: str, why: str) -> None:
+        note(path, source, "runtime" if kind == "library" else kind, why)
+
+    loaded: list[Resolution] = []
+    for module in extra.modules:
+        if model is not None and plan.add_object(module.path, "runtime"):
+            note(module.path, os.path.realpath(module.path), "runtime", module.why)
+            loaded.append(resolver.resolve_module(module.path, model))
+    for tree in extra.trees:
+        for member in plan.add_tree(tree.path, "runtime"):
+            note("/" + member, "/" + member, "runtime", tree.why)
+            elf = _elf_module(resolver, "/" + member, resolutions)
+            if elf is not None:
+                loaded.append(elf)
+    for resolution in loaded:
+        _place_resolution(plan, resolution, note_runtime)
+        for m in resolution.missing:
+            logger.warning("library %r needed by %s (loaded at run time) cannot be found",
+                           m.name, m.needed_by)
+        resolution.missing = []
+    if extra.nsswitch is not None and added is None:
+        plan.add_generated(runtime.NSSWITCH_MEMBER, extra.nsswitch, "generated")
+        note("/" + runtime.NSSWITCH_MEMBER, None, "generated",
+             "nsswitch.conf naming only the packed NSS services")
+    return loaded
+
+
+def _place_traced(plan: Plan, resolver: Resolver, options: Options, programs: list[str],
+                  resolutions: list[Resolution], note: Any, cwd: str) -> TraceResult | None:
+    """Run the entrypoint under strace (--trace) and place what it used like added files."""
+    if not options.trace:
+        return None
+    entrypoint = options.entrypoint or programs[0]
+    traced = run_trace([entrypoint, *options.trace_args], options.env, cwd,
+                       options.trace_excludes, options.trace_includes)
+    for used in traced.files:
+        if plan.excluded(used.path) or plan.resolves(used.path):
+            continue
+        if used.directory:
+            plan.directory(used.path, "traced")
+            note(used.path, used.path, "traced", used.why)
+            continue
+        if plan.add_program(used.path, "traced") is None:
+            continue
+        note(used.path, os.path.realpath(used.path), "traced", used.why)
+        module = _elf_module(resolver, used.path, resolutions)
+        if module is not None:
+            resolutions.append(module)
+            _place_resolution(plan, module, note)
+    return traced
 
 
 def _absolute(path: str) -> str:
@@ -304,7 +392,7 @@ def build_manifest(collection: Collection, options: Options, members: list[Membe
     env = {"PATH": DEFAULT_PATH}
     env.update(options.env)
     entries = manifest_entries(members, digests)
-    return {
+    manifest: dict[str, Any] = {
         "format": FORMAT,
         "generator": f"rpack {__version__}",
         "platform": platform_of(collection),
@@ -315,6 +403,11 @@ def build_manifest(collection: Collection, options: Options, members: list[Membe
         "entries": entries,
         "totals": {"entries": len(entries), "bytes": sum(e.get("size", 0) for e in entries)},
     }
+    if collection.trace is not None:
+        # What --trace ran and used, for `rpack inspect` (readers ignore unknown keys).
+        traced = {item.path for item in collection.items if item.kind == "traced"}
+        manifest["trace"] = collection.trace.summary(traced)
+    return manifest
 
 
 @dataclass

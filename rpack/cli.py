@@ -166,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "LD_LIBRARY_PATH and LD_PRELOAD here take part in resolution)")
     resolve.add_argument("--allow-missing", action="store_true",
                          help="warn instead of failing on a library that cannot be found")
+    resolve.add_argument("--trace", action="store_true",
+                         help="run the entrypoint once here under strace, with the arguments "
+                         "given after --, and also pack what it opened and executed")
+    resolve.add_argument("--trace-exclude", action="append", default=[], metavar="GLOB",
+                         help="leave out traced paths matching GLOB (or under a match)")
+    resolve.add_argument("--trace-include", action="append", default=[], metavar="GLOB",
+                         help="keep traced paths matching GLOB that the default exclude "
+                         "list would leave out")
 
     create = commands.add_parser("create", parents=[resolve], help="pack programs",
                                  description="Pack PROGRAMs and what they need into ARCHIVE.")
@@ -202,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bind", action="append", default=[], type=_bind,
                      metavar="SRC[:DST[:ro]]", help="let the program see the host path SRC at "
                      "DST (default: the same path), read-only with :ro")
+    run.add_argument("--no-host-files", action="store_true",
+                     help="do not bind the host's /etc/resolv.conf and /etc/hosts read-only "
+                     "into the root")
     run.add_argument("archive", metavar="ARCHIVE", help="archive file, or - for stdin")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")
     _unpack_commands(commands)
@@ -234,7 +245,9 @@ def _options(args: argparse.Namespace) -> Options:
 
     return Options(programs=args.programs, adds=args.add, excludes=args.exclude,
                    entrypoint=getattr(args, "entrypoint", None), env=dict(args.env),
-                   workdir=getattr(args, "workdir", "/"), allow_missing=args.allow_missing)
+                   workdir=getattr(args, "workdir", "/"), allow_missing=args.allow_missing,
+                   trace=args.trace, trace_args=args.trace_args,
+                   trace_excludes=args.trace_exclude, trace_includes=args.trace_include)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -267,7 +280,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     return launch(args.archive, args.args, entrypoint=args.entrypoint, env=dict(args.env),
                   workdir=args.workdir, tmpdir=args.tmpdir, keep=args.keep,
-                  binds=args.bind, limits=_limits(args), trust_setuid=args.trust_setuid)
+                  binds=args.bind, limits=_limits(args), trust_setuid=args.trust_setuid,
+                  host_files=not args.no_host_files)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -328,6 +342,15 @@ def _program_arguments(argv: list[str], archive: str, parsed: list[str]) -> list
     return parsed
 
 
+def _split_trace_arguments(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """For create and deps, what follows the first `--`: the traced run's arguments."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command not in ("create", "deps") or "--" not in argv:
+        return argv, None
+    split = argv.index("--")
+    return argv[:split], argv[split + 1:]
+
+
 COMMANDS = {"create": cmd_create, "deps": cmd_deps, "run": cmd_run, "extract": cmd_extract,
             "list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify}
 
@@ -335,7 +358,12 @@ COMMANDS = {"create": cmd_create, "deps": cmd_deps, "run": cmd_run, "extract": c
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, trace_args = _split_trace_arguments(argv)
     args = parser.parse_args(argv)
+    if args.command in ("create", "deps"):
+        if trace_args is not None and not args.trace:
+            parser.error(f"arguments after -- are for the traced run; {args.command} needs --trace")
+        args.trace_args = trace_args or []
     if args.command == "run":
         args.args = _program_arguments(argv, args.archive, args.args)
     _setup_logging(args)

@@ -38,6 +38,8 @@ class Summary:
             "tar_bytes": self.tar_bytes,
             "compressed_bytes": self.compressed_bytes,
         })
+        if isinstance(self.manifest.get("trace"), dict):
+            summary["trace"] = self.manifest["trace"]
         return summary
 
     def lines(self) -> list[str]:
@@ -60,6 +62,11 @@ class Summary:
             ("tar", _size(self.tar_bytes)),
             ("compressed", _size(self.compressed_bytes)),
         ]
+        trace = m.get("trace")
+        if isinstance(trace, dict):
+            files = trace.get("files")
+            rows.append(("traced", f"{len(files) if isinstance(files, list) else 0} paths "
+                                   f"used by: {_words(trace.get('argv'))}"))
         return [f"{label + ':':<12} {value}" for label, value in rows]
 
 
