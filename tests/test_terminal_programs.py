@@ -105,3 +105,48 @@ def test_interactive_bash_clears_the_screen(tmux: Tmux,
     screen = tmux.wait_for(lambda s: "filler5" not in s, timeout=20)
     assert "filler5" not in screen
     tmux("send-keys", "exit 5", "Enter")
+
+
+@pytest.fixture(scope="module")
+def tools_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tools") / "tools.tar.zst"
+    created = rpack("create", out, "/bin/sh", "/bin/cat", "/usr/bin/readlink", "/usr/bin/curl",
+                    "/usr/bin/git")
+    assert created.returncode == 0, created.stderr
+    return out
+
+
+def test_program_keeps_its_name_and_its_exe(tools_archive: Path) -> None:
+    # peers.md 3, 3 and 4: the kernel's own comm and /proc/self/exe, no loader in between.
+    done = rpack("run", tools_archive, "-c",
+                 "cat /proc/$$/comm; readlink /proc/self/exe; exec cat /proc/self/comm")
+    assert done.stdout == "sh\n/usr/bin/readlink\ncat\n", done.stderr
+
+
+def test_git_sees_the_argv0_it_was_started_by(tools_archive: Path, tmp_path: Path) -> None:
+    # peers.md 3, 1: a git that sees a mangled argv[0] takes it for a dashed built-in.
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    done = rpack("run", "--entrypoint", "/usr/bin/git", "--bind", f"{repo}:/work",
+                 "--workdir", "/work", tools_archive, "status", "--short", "--branch")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("## No commits yet")
+
+
+def test_loopback_http_reaches_a_host_server(tools_archive: Path, tmp_path: Path) -> None:
+    # peers.md 3, 47: name resolution of localhost and a connection to the host's loopback.
+    (tmp_path / "hello.txt").write_text("hello over http\n")
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1",
+                               "--directory", str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True,
+                              env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"})
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().split("port ")[1].split()[0]
+        for host in ("127.0.0.1", "localhost"):
+            done = rpack("run", "--entrypoint", "/usr/bin/curl", tools_archive, "-sf",
+                         f"http://{host}:{port}/hello.txt")
+            assert (done.returncode, done.stdout) == (0, "hello over http\n"), done.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
