@@ -25,7 +25,8 @@ DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
 # inode of the root's filesystem, the "shocker" escape), no tracing, no host network, clock,
 # audit or MAC setup, no raw packets on the shared network, no immutable files that cleanup
 # could not delete, and no locking, priorities or limits beyond the host's. Unprivileged runs
-# need none of this: their capabilities hold only inside their own user namespace.
+# get the same set: their capabilities hold only inside their own user namespace, but there
+# SYS_ADMIN would let the program remount or unmount what the sandbox set up.
 KEPT_CAPABILITIES = frozenset({
     linux.CAP_CHOWN, linux.CAP_DAC_OVERRIDE, linux.CAP_FOWNER, linux.CAP_FSETID,
     linux.CAP_KILL, linux.CAP_SETGID, linux.CAP_SETUID, linux.CAP_SETPCAP,
@@ -100,8 +101,9 @@ def enter_root(root: str, binds: list[Bind], userns: bool,
         raise RunError(f"cannot switch to the root {root}: {e.strerror}") from e
     os.chdir("/")
 
-    if not userns:
-        drop_capabilities()
+    # In a user namespace too: the program owns that namespace's mounts, and without
+    # CAP_SYS_ADMIN it cannot remount a read-only bind writable or unmount what hides the host.
+    drop_capabilities()
     # Neither the program nor anything it runs gains privileges from setuid or file caps.
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
 
@@ -184,8 +186,19 @@ def bind_device(dev: int, name: str) -> None:
         # Some containers have no /dev/tty; without it programs get ENOENT, as on such a host.
         log.debug("no /dev/tty in the sandbox: %s", e.strerror)
         os.unlink(name, dir_fd=dev)
+        return
     finally:
         os.close(fd)
+    # These are the host's own nodes: read-only, the program can still read and write the
+    # device, but chmod or chown through this mount fails instead of reaching the host.
+    bound = os.open(name, O_PATHANY, dir_fd=dev)
+    try:
+        remount(fd_path(bound), os.statvfs(fd_path(bound)).f_flag,
+                linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC)
+    except OSError as e:
+        raise RunError(f"cannot make /dev/{name} read-only in the root: {e.strerror}") from e
+    finally:
+        os.close(bound)
 
 
 def mount_devpts(dev: int) -> None:

@@ -746,3 +746,59 @@ def test_everything_after_the_archive_goes_to_the_program(tmp_path: Path) -> Non
     assert rpack("create", str(out), "/bin/echo").returncode == 0
     assert rpack("run", str(out), "--", "a", "b").stdout == "-- a b\n"
     assert rpack("run", str(out), "-n", "x").stdout == "x"
+
+
+PROBE = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+static void report(const char *what, int r) { printf("%s %s\n", what, r ? strerror(errno) : "ok"); }
+int main(void) {
+    /* No-op changes: they succeed or fail as real ones would, and harm nothing if the
+       sandbox were broken, since /dev/null is the host's own node. */
+    struct stat st;
+    if (stat("/dev/null", &st) != 0)
+        return 2;
+    report("chmod-dev-null", chmod("/dev/null", st.st_mode & 07777));
+    report("chown-dev-null", chown("/dev/null", (uid_t)-1, (gid_t)-1));
+    report("remount-ro-bind", mount(NULL, "/ro", NULL, MS_REMOUNT | MS_BIND, NULL));
+    report("umount-ro-bind", umount2("/ro", MNT_DETACH));
+    FILE *f = fopen("/ro/planted", "w");
+    printf("write-ro-bind %s\n", f ? "ok" : strerror(errno));
+    FILE *null = fopen("/dev/null", "w");
+    printf("write-dev-null %s\n", null && fputs("x", null) >= 0 ? "ok" : strerror(errno));
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def probe(shared: Path) -> Path:
+    source = shared / "probe.c"
+    source.write_text(PROBE)
+    subprocess.run(["gcc", "-static", "-o", str(shared / "probe"), str(source)], check=True)
+    return create(shared, "probe.tar.zst", str(shared / "probe"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_program_cannot_change_host_devices_or_lift_a_read_only_bind(host: Host, probe: Path,
+                                                                       mode: str) -> None:
+    before = os.stat("/dev/null")
+    ro = host.outside / "ro"
+    ro.mkdir()
+    ro.chmod(0o777)
+    done = run_cli(mode, "run", "--tmpdir", host.tmpdir, "--bind", f"{ro}:/ro:ro", probe)
+    assert done.returncode == 0, done.stderr
+    results = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert results["write-dev-null"] == "ok"
+    for what in ("chmod-dev-null", "chown-dev-null", "remount-ro-bind", "umount-ro-bind",
+                 "write-ro-bind"):
+        assert results[what] != "ok", (what, results)
+    after = os.stat("/dev/null")
+    assert (after.st_mode, after.st_uid, after.st_ctime_ns) == \
+        (before.st_mode, before.st_uid, before.st_ctime_ns)
+    assert list(ro.iterdir()) == []
+    ro.rmdir()
+    host.check()
