@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
@@ -355,6 +356,21 @@ COMMANDS = {"create": cmd_create, "deps": cmd_deps, "run": cmd_run, "extract": c
             "list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify}
 
 
+TERMINATING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Terminated(BaseException):
+    """A terminating signal arrived; raised where rpack was, so cleanups run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -372,8 +388,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from runner import RunError
     from unpacker import UnpackError
 
+    # Like Ctrl-C, these end rpack through an exception, so every cleanup on the way out runs
+    # (a half-unpacked root, a partial extraction, an unfinished archive). While a program
+    # runs, the runner blocks them and relays them to the program instead.
+    for terminating in TERMINATING:
+        signal.signal(terminating, _terminate)
     try:
         return COMMANDS[args.command](args)
+    except Terminated as e:
+        if args.debug:
+            raise
+        _error(f"terminated by {signal.Signals(e.signum).name}")
+        return 128 + e.signum
     except (PackError, UnpackError, RunError) as e:
         if args.debug:
             raise

@@ -802,3 +802,28 @@ def test_program_cannot_change_host_devices_or_lift_a_read_only_bind(host: Host,
     assert list(ro.iterdir()) == []
     ro.rmdir()
     host.check()
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("command", ["run", "extract"])
+def test_sigterm_while_unpacking_leaves_nothing(host: Host, shared: Path, command: str) -> None:
+    big = shared / f"big-{command}"
+    with open(big, "wb") as f:
+        f.truncate(600 << 20)
+    archive = shared / f"big-{command}.tar.zst"
+    created = rpack("create", "--add", big, archive, "/bin/sh")
+    big.unlink()
+    assert created.returncode == 0, created.stderr
+    dest = host.tmpdir / "extracted"
+    args = ["run", "--tmpdir", host.tmpdir, archive, "-c", "true"] if command == "run" \
+        else ["extract", archive, dest]
+    process = start_cli("root", *args)
+    started = wait_for(lambda: bool(host.roots()) or dest.exists(), timeout=60)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    archive.unlink()
+    assert started
+    assert process.returncode == 143, stderr
+    assert b"terminated by SIGTERM" in stderr
+    assert not dest.exists()
+    host.check()
