@@ -102,6 +102,9 @@ def create(base_fd: int, base: str, prefix: str) -> tuple[str, int]:
         except OSError as e:
             raise RunError(f"cannot create a directory in {base}: {e.strerror}") from e
         lock = os.open(root, O_READDIR)
+        # The root becomes the program's /, which a program that drops to another uid must
+        # still traverse; the base (0700) is what keeps other users out.
+        os.fchmod(lock, 0o755)
         fcntl.flock(lock, fcntl.LOCK_EX)
     finally:
         fcntl.flock(base_fd, fcntl.LOCK_UN)

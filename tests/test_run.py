@@ -827,3 +827,23 @@ def test_sigterm_while_unpacking_leaves_nothing(host: Host, shared: Path, comman
     assert b"terminated by SIGTERM" in stderr
     assert not dest.exists()
     host.check()
+
+
+@pytest.mark.root
+def test_a_program_that_drops_to_another_uid_can_use_the_root(host: Host, shared: Path) -> None:
+    source = shared / "drop.c"
+    source.write_text(r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    if (setgid(65534) || setuid(65534)) return 2;
+    FILE *f = fopen("/dev/null", "w");
+    puts(f && access("/tmp", W_OK) == 0 ? "usable" : "unusable");
+    return 0;
+}
+""")
+    subprocess.run(["gcc", "-static", "-o", str(shared / "drop"), str(source)], check=True)
+    archive = create(shared, "drop.tar.zst", str(shared / "drop"))
+    done = run_cli("root", "run", "--tmpdir", host.tmpdir, archive)
+    assert (done.returncode, done.stdout) == (0, "usable\n"), done.stderr
+    host.check()
