@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from conftest import (
 )
 from test_run import MODES, run_cli, shared
 
+from packer.trace import DEFAULT_EXCLUDES
 from unpacker.format import MANIFEST_PATH
 
 __all__ = ["shared"]  # a fixture, shared with test_run
@@ -32,11 +34,20 @@ pytestmark = pytest.mark.skipif(shutil.which("strace") is None,
                                 reason="strace is not installed (Debian: apt-get install strace)")
 
 
+def _build_base() -> Path:
+    """The checkout's build/, unless the checkout itself lies in a tree --trace leaves out
+    by default (a clone under /tmp, as CI may make): then a directory under /var/lib."""
+    real = os.path.realpath(REPO)
+    if not any(real == tree or real.startswith(tree + "/") for tree, _ in DEFAULT_EXCLUDES):
+        (REPO / "build").mkdir(exist_ok=True)
+        return REPO / "build"
+    return Path("/var/lib")
+
+
 @pytest.fixture(scope="module")
 def build() -> Iterator[Path]:
     """Where samples are built: not under /tmp, which --trace leaves out by default."""
-    (REPO / "build").mkdir(exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix="trace-test-", dir=REPO / "build"))
+    path = Path(tempfile.mkdtemp(prefix="rpack-trace-test-", dir=_build_base()))
     path.chmod(0o755)
     yield path
     shutil.rmtree(path)
