@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,36 @@ def rpack(
         text=True,
         timeout=timeout,
     )
+
+
+NOBODY = 65534
+
+# rpack's CLI as nobody. Everything is imported and the arguments parsed before the switch:
+# the interpreter and this checkout may live where nobody can read (a pyenv under /root).
+AS_NOBODY = f"""
+import os, sys
+import packer.errors, rpack.cli, runner.launch, unpacker
+rpack.cli.build_parser().parse_args(sys.argv[1:])
+os.setgroups([])
+os.setgid({NOBODY})
+os.setuid({NOBODY})
+sys.exit(rpack.cli.main(sys.argv[1:]))
+"""
+
+
+def cli(mode: str, *args: str | Path) -> list[str]:
+    """The command line of `rpack ARGS`, run as root or as nobody."""
+    prefix = RPACK if mode == "root" else [sys.executable, "-c", AS_NOBODY]
+    return [*prefix, *map(str, args)]
+
+
+def run_cli(mode: str, *args: str | Path, prefix: tuple[str, ...] = (),
+            env: dict[str, str] | None = None, timeout: float = 120,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`rpack ARGS` as root or as nobody, from a directory both can enter."""
+    return subprocess.run([*prefix, *cli(mode, *args)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, env=rpack_env(env),
+                          cwd=cwd or tempfile.gettempdir(), timeout=timeout)
 
 
 def env_args(env: Mapping[str, str] | None) -> list[str]:

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import NOBODY, run_cli
 from test_run import (
     MODES,
-    NOBODY,
     Host,
     Member,
     create,
@@ -17,7 +17,6 @@ from test_run import (
     read_members,
     regular,
     repack,
-    run_cli,
     shared,
     symlink,
 )

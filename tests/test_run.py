@@ -12,7 +12,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -22,38 +21,11 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import RPACK, rpack, rpack_env
+from conftest import RPACK, cli, rpack, rpack_env, run_cli
 
 pytestmark = pytest.mark.root
 
-NOBODY = 65534
 MODES = ["root", "nobody"]
-
-# rpack's CLI as nobody. Everything is imported and the arguments parsed before the switch:
-# the interpreter and this checkout may live where nobody can read (a pyenv under /root).
-AS_NOBODY = """
-import os, sys
-import packer.errors, rpack.cli, runner.launch, unpacker
-rpack.cli.build_parser().parse_args(sys.argv[1:])
-os.setgroups([])
-os.setgid(65534)
-os.setuid(65534)
-sys.exit(rpack.cli.main(sys.argv[1:]))
-"""
-
-
-def cli(mode: str, *args: str | Path) -> list[str]:
-    """The command line of `rpack ARGS`, run as root or as nobody."""
-    prefix = RPACK if mode == "root" else [sys.executable, "-c", AS_NOBODY]
-    return [*prefix, *map(str, args)]
-
-
-def run_cli(mode: str, *args: str | Path, prefix: tuple[str, ...] = (),
-            env: dict[str, str] | None = None, timeout: float = 120,
-            ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, *cli(mode, *args)], stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, env=rpack_env(env),
-                          cwd=tempfile.gettempdir(), timeout=timeout)
 
 
 def start_cli(mode: str, *args: str | Path) -> subprocess.Popen[bytes]:

@@ -6,23 +6,15 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RPACK, archive_members, archive_read, needs_root, rpack, rpack_env
+from conftest import archive_members, archive_read, needs_root, rpack, run_cli
 
 from packer import ldcache, runtime
 
-AS_NOBODY = """
-import os, sys
-import packer.errors, rpack.cli, runner.launch, unpacker
-rpack.cli.build_parser().parse_args(sys.argv[1:])
-os.setgroups([]); os.setgid(65534); os.setuid(65534)
-sys.exit(rpack.cli.main(sys.argv[1:]))
-"""
 NOTE_SOURCE = r"""
 #define JSON "[{\"soname\":[\"libnotthere.so.9\",\"libz.so.1\"],\"priority\":\"recommended\"," \
              "\"feature\":\"compression\"}]"
@@ -134,22 +126,18 @@ def archives() -> Iterator[dict[str, Path]]:
     shutil.rmtree(where)
 
 
-def run_as(mode: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    prefix = RPACK if mode == "root" else [sys.executable, "-c", AS_NOBODY]
-    return subprocess.run([*prefix, *map(str, args)], capture_output=True, text=True,
-                          env=rpack_env(), cwd="/", stdin=subprocess.DEVNULL, timeout=120)
 
 
 @needs_root
 @pytest.mark.heavy
 @pytest.mark.parametrize("mode", ["root", "nobody"])
 def test_runtime_loads_work_in_the_root(archives: dict[str, Path], mode: str) -> None:
-    done = run_as(mode, "run", "--bind", f"{archives['data']}:/data:ro", archives["iconv"],
+    done = run_cli(mode, "run", "--bind", f"{archives['data']}:/data:ro", archives["iconv"],
                   "-f", "latin1", "-t", "utf-8", "/data/latin1.txt")
     assert (done.returncode, done.stdout) == (0, "caf\u00e9 na\u00efve\n"), done.stderr
-    done = run_as(mode, "run", archives["perl"], "-MPOSIX", "-e", "print floor(2.5)")
+    done = run_cli(mode, "run", archives["perl"], "-MPOSIX", "-e", "print floor(2.5)")
     assert (done.returncode, done.stdout) == (0, "2"), done.stderr
-    done = run_as(mode, "run", archives["python"], "-c",
+    done = run_cli(mode, "run", archives["python"], "-c",
                   "import ssl, sqlite3, json, ctypes, hashlib, locale, curses\n"
                   "print(locale.setlocale(locale.LC_ALL, 'C.UTF-8'))\n"
                   "curses.setupterm('xterm-256color', 1)\n"
@@ -162,7 +150,7 @@ def test_runtime_loads_work_in_the_root(archives: dict[str, Path], mode: str) ->
 def test_identity_and_names_resolve_in_the_root(archives: dict[str, Path], mode: str) -> None:
     """peers.md section 3, scenarios 11 and 47: NSS in the bundle."""
     def run(program: str, *args: str) -> str:
-        done = run_as(mode, "run", "--entrypoint", program, archives["ident"], *args)
+        done = run_cli(mode, "run", "--entrypoint", program, archives["ident"], *args)
         assert done.returncode == 0, (program, args, done.stderr)
         return done.stdout
 

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RPACK, archive_members, needs_root, rpack, rpack_env
+from conftest import archive_members, needs_root, rpack, run_cli
 
 from packer import script
 from packer.errors import PackError
-
-AS_NOBODY = """
-import os, sys
-import packer.errors, rpack.cli, runner.launch, unpacker
-rpack.cli.build_parser().parse_args(sys.argv[1:])
-os.setgroups([]); os.setgid(65534); os.setuid(65534)
-sys.exit(rpack.cli.main(sys.argv[1:]))
-"""
 
 
 def write_script(path: Path, text: str) -> Path:
@@ -125,21 +115,17 @@ def scripts() -> Iterator[dict[str, Path]]:
     shutil.rmtree(where)
 
 
-def run_as(mode: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    prefix = RPACK if mode == "root" else [sys.executable, "-c", AS_NOBODY]
-    return subprocess.run([*prefix, *map(str, args)], capture_output=True, text=True,
-                          env=rpack_env(), cwd="/", stdin=subprocess.DEVNULL, timeout=120)
 
 
 @needs_root
 @pytest.mark.parametrize("mode", ["root", "nobody"])
 def test_scripts_run_in_their_root(scripts: dict[str, Path], mode: str) -> None:
-    done = run_as(mode, "run", scripts["py"], "a", "b c")
+    done = run_cli(mode, "run", scripts["py"], "a", "b c")
     assert (done.returncode, done.stdout) == (0, '["a", "b c"]\n'), done.stderr
-    done = run_as(mode, "run", scripts["sh"], "x")
+    done = run_cli(mode, "run", scripts["sh"], "x")
     # -e from the #! line stops the script at `false`.
     assert (done.returncode, done.stdout) == (1, "sh: x\n"), done.stderr
     # peers.md section 3, scenario 5: a shell script program (which) brings its shell.
-    done = run_as(mode, "run", scripts["which"], "sh")
+    done = run_cli(mode, "run", scripts["which"], "sh")
     assert done.returncode == 0 and done.stdout.strip().endswith("/sh"), done.stderr
 

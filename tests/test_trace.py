@@ -18,9 +18,10 @@ from conftest import (
     archive_read,
     error_lines,
     rpack,
+    run_cli,
     runpath,
 )
-from test_run import MODES, run_cli, shared
+from test_run import MODES, shared
 
 from packer.trace import DEFAULT_EXCLUDES
 from unpacker.format import MANIFEST_PATH
