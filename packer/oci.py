@@ -186,13 +186,7 @@ def image_config(manifest: dict[str, Any], diff_id: str, mtime: int) -> dict[str
     The environment is the one `rpack run` gives (its base, then the archive's `env`); the
     creation time is `mtime`, the archive's own, so the config is the same on every export.
     """
-    platform = manifest["platform"]
-    key = (platform["machine"], platform["elf_class"], platform["endian"])
-    if key not in ARCHITECTURES:
-        raise PackError(f"no OCI architecture for the archive's platform {key[0]} "
-                        f"({key[1]}-bit, {key[2]}-endian)")
-    architecture, variant = ARCHITECTURES[key]
-
+    architecture, variant = oci_architecture(manifest["platform"])
     env = dict(BASE_ENV)
     stored_env = manifest.get("env")
     if isinstance(stored_env, dict):
@@ -219,6 +213,15 @@ def image_config(manifest: dict[str, Any], diff_id: str, mtime: int) -> dict[str
     if variant:
         config["variant"] = variant
     return config
+
+
+def oci_architecture(platform: dict[str, Any]) -> tuple[str, str | None]:
+    """The architecture and variant of the manifest's platform, as image configs name them."""
+    key = (platform["machine"], platform["elf_class"], platform["endian"])
+    if key not in ARCHITECTURES:
+        raise PackError(f"no OCI architecture for the archive's platform {key[0]} "
+                        f"({key[1]}-bit, {key[2]}-endian)")
+    return ARCHITECTURES[key]
 
 
 class _Writable(Protocol):
@@ -270,6 +273,9 @@ def _write_layer(source: BinaryIO, layer_file: BinaryIO, compression: str,
             mtime = 0
             for item in reader:
                 if item.entry is None:
+                    # The manifest: refuse a platform without an OCI name before reading on.
+                    assert reader.manifest is not None
+                    oci_architecture(reader.manifest.data["platform"])
                     mtime = item.member.mtime
                 for _ in item.data:
                     pass
