@@ -117,6 +117,8 @@ class Layer:
 
 @dataclass(frozen=True)
 class Exported:
+    """What an export wrote: the image's name, its layer's DiffID, its manifest's digest."""
+
     reference: str
     diff_id: str
     manifest_digest: str
@@ -139,28 +141,11 @@ def export_oci(source: BinaryIO, out: BinaryIO, reference: str, *, compression: 
     """
     with tempfile.TemporaryFile(dir=layer_dir, prefix=".rpack-layer-") as layer_file:
         layer = _write_layer(source, layer_file, compression, limits, quiet)
-        config_object = image_config(layer.manifest, layer.diff_id, layer.mtime)
-        config = _json(config_object)
-        manifest = _json({
-            "schemaVersion": 2,
-            "mediaType": MANIFEST_TYPE,
-            "config": _descriptor(CONFIG_TYPE, config),
-            "layers": [{"mediaType": layer.media_type, "digest": f"sha256:{layer.digest}",
-                        "size": layer.size}],
-        })
-        platform = {key: config_object[key] for key in ("architecture", "os", "variant")
-                    if key in config_object}
-        index = _json({
-            "schemaVersion": 2,
-            "mediaType": INDEX_TYPE,
-            "manifests": [{**_descriptor(MANIFEST_TYPE, manifest), "platform": platform,
-                           "annotations": {REF_NAME: reference}}],
-        })
-        docker = _json([{"Config": _blob_path(_sha256(config)), "RepoTags": [reference],
-                         "Layers": [_blob_path(layer.digest)]}])
-
+        config, manifest, index, docker = _documents(layer, reference)
         layer_file.seek(0)
         with _bar(layer.size, quiet, "writing image") as bar:
+            # The small files first, then the blobs, the layer last: every member's bytes and
+            # metadata follow from the archive and the arguments alone.
             tar = TarWriter(out)
             for name, data in (("oci-layout", _json({"imageLayoutVersion": "1.0.0"})),
                                ("index.json", index), ("manifest.json", docker)):
@@ -178,6 +163,32 @@ def export_oci(source: BinaryIO, out: BinaryIO, reference: str, *, compression: 
     logger.info("exported sha256:%s as %s (%s layer of %d bytes), manifest sha256:%s",
                 layer.diff_id, reference, compression, layer.size, manifest_digest)
     return Exported(reference, layer.diff_id, manifest_digest, layer.size)
+
+
+def _documents(layer: Layer, reference: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """The image config, the OCI manifest, the OCI index and the docker manifest.json."""
+    config_object = image_config(layer.manifest, layer.diff_id, layer.mtime)
+    config = _json(config_object)
+    manifest = _json({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": _descriptor(CONFIG_TYPE, config),
+        "layers": [{"mediaType": layer.media_type, "digest": f"sha256:{layer.digest}",
+                    "size": layer.size}],
+    })
+    platform = {key: config_object[key] for key in ("architecture", "os", "variant")
+                if key in config_object}
+    # podman names a loaded image after ref.name, so it carries the whole NAME:TAG.
+    index = _json({
+        "schemaVersion": 2,
+        "mediaType": INDEX_TYPE,
+        "manifests": [{**_descriptor(MANIFEST_TYPE, manifest), "platform": platform,
+                       "annotations": {REF_NAME: reference}}],
+    })
+    # What docker load reads (as docker 25 saves it): paths into the same blobs.
+    docker = _json([{"Config": _blob_path(_sha256(config)), "RepoTags": [reference],
+                     "Layers": [_blob_path(layer.digest)]}])
+    return config, manifest, index, docker
 
 
 def image_config(manifest: dict[str, Any], diff_id: str, mtime: int) -> dict[str, Any]:
