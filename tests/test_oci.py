@@ -236,6 +236,7 @@ def test_umoci_rootfs_is_what_rpack_extract_makes(sh: Path, images: dict[str, Pa
     done = rpack("extract", "--trust-setuid", sh, extracted)
     assert done.returncode == 0, done.stderr
 
+    # Below the roots: the roots themselves differ (umoci makes 0755, extract a new DIR 0700).
     ours, theirs = tree(extracted), tree(rootfs)
     assert sorted(ours) == sorted(theirs)
     manifest = json.loads((extracted / ".rpack/manifest.json").read_bytes())
