@@ -60,7 +60,7 @@ def manifest_entries(members: list[Member], digests: dict[str, str]) -> list[dic
     return entries
 
 
-class _TarWriter:
+class TarWriter:
     """Writes pax tar members straight to a sink, hashing the stream: the archive's identity.
 
     tarfile's stream mode copies every block through its own buffer; writing the headers it
@@ -102,21 +102,27 @@ class _TarWriter:
             self.write(tarfile.NUL * (tarfile.RECORDSIZE - self.size % tarfile.RECORDSIZE))
 
 
-def write_archive(out: BinaryIO, manifest: dict[str, Any], members: list[Member],
-                  digests: dict[str, str], mtime: int, level: int = 3,
-                  threads: int = 0) -> tuple[str, int]:
-    """Write the archive to `out`; return the identity (sha256 of the tar) and the tar's size."""
+def compressor(level: int = 3, threads: int = 0) -> zstandard.ZstdCompressor:
+    """zstd as archives use it: a checksum in every frame, windows the zstd CLI reads, and the
+    same bytes for any thread count (`threads` 0 means one per core)."""
     # Any thread count >= 1 gives the same bytes; 0 (single-threaded mode) would not.
     params = zstandard.ZstdCompressionParameters.from_level(
         level, threads=threads or os.cpu_count() or 1, write_checksum=True,
         write_content_size=False)
     # Levels up to 22 stay within windowLog 27 unless long mode is asked for, which it is not.
     assert params.window_log <= WINDOW_LOG_MAX
-    compressor = zstandard.ZstdCompressor(compression_params=params)
-    with compressor.stream_writer(out, closefd=False, write_size=CHUNK) as zstd_out:
-        tar = _TarWriter(zstd_out)
+    return zstandard.ZstdCompressor(compression_params=params)
+
+
+def write_archive(out: BinaryIO, manifest: dict[str, Any], members: list[Member],
+                  digests: dict[str, str], mtime: int, level: int = 3,
+                  threads: int = 0) -> tuple[str, int]:
+    """Write the archive to `out`; return the identity (sha256 of the tar) and the tar's size."""
+    with compressor(level, threads).stream_writer(out, closefd=False,
+                                                  write_size=CHUNK) as zstd_out:
+        tar = TarWriter(zstd_out)
         data = json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False).encode()
-        tar.add(_tarinfo(MANIFEST_PATH, tarfile.REGTYPE, 0o644, mtime, len(data)),
+        tar.add(tarinfo(MANIFEST_PATH, tarfile.REGTYPE, 0o644, mtime, len(data)),
                 io.BytesIO(data))
         for m in members:
             _add(tar, m, digests)
@@ -124,8 +130,8 @@ def write_archive(out: BinaryIO, manifest: dict[str, Any], members: list[Member]
     return tar.digest.hexdigest(), tar.size
 
 
-def _tarinfo(name: str, kind: bytes, mode: int, mtime: int, size: int = 0,
-             linkname: str = "") -> tarfile.TarInfo:
+def tarinfo(name: str, kind: bytes, mode: int, mtime: int, size: int = 0,
+            linkname: str = "") -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = mode
@@ -137,9 +143,9 @@ def _tarinfo(name: str, kind: bytes, mode: int, mtime: int, size: int = 0,
     return info
 
 
-def _add(tar: _TarWriter, m: Member, digests: dict[str, str]) -> None:
+def _add(tar: TarWriter, m: Member, digests: dict[str, str]) -> None:
     assert m.mtime is not None
-    info = _tarinfo(m.path, _TYPES[m.type], m.mode, m.mtime, m.size, m.target)
+    info = tarinfo(m.path, _TYPES[m.type], m.mode, m.mtime, m.size, m.target)
     if m.type != "file":
         tar.add(info)
     elif m.data is not None:

@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from unpacker.format import FORMAT
+from unpacker.format import DEFAULT_PATH, FORMAT
 
 from . import ldcache, runtime, script
 from .archive import hash_sources, manifest_entries, write_archive
@@ -21,7 +21,6 @@ from .trace import TraceResult, run_trace
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CACHE_PATH = "etc/ld.so.cache"
 
 

@@ -109,6 +109,34 @@ def _limits(args: argparse.Namespace) -> Limits:
     return Limits(**{key: value for key, value in given.items() if value is not None})
 
 
+def _reference(text: str) -> str:
+    from packer.oci import parse_reference
+
+    try:
+        return parse_reference(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _export_command(commands: argparse._SubParsersAction[_Parser]) -> None:
+    export = commands.add_parser("export-oci", help="make a container image of an archive",
+                                 description="Write ARCHIVE to OUT as a one-layer container "
+                                 "image: one tar that is an OCI image layout (oci-archive:OUT "
+                                 "for skopeo and podman) and a docker archive (docker load, "
+                                 "podman load).")
+    _common(export, top=False)
+    _unpack_options(export, extracting=False)
+    export.add_argument("-f", "--force", action="store_true", help="overwrite OUT")
+    export.add_argument("--tag", type=_reference, metavar="NAME[:TAG]",
+                        help="the image's name (default: ARCHIVE's file name without .tar.zst, "
+                        "tag latest; rpack:latest for stdin)")
+    export.add_argument("--compression", choices=("gzip", "zstd", "none"), default="gzip",
+                        help="how the layer is compressed (default gzip, which every engine "
+                        "reads)")
+    export.add_argument("archive", metavar="ARCHIVE", help="archive file, or - for stdin")
+    export.add_argument("out", metavar="OUT", help="output file, or - for stdout")
+
+
 def _unpack_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
     extract = commands.add_parser("extract", help="check an archive and unpack it",
                                   description="Check ARCHIVE and unpack it into DIR, new or "
@@ -217,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("archive", metavar="ARCHIVE", help="archive file, or - for stdin")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")
     _unpack_commands(commands)
+    _export_command(commands)
     return parser
 
 
@@ -334,6 +363,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_oci(args: argparse.Namespace) -> int:
+    from packer.archive import open_output
+    from packer.oci import default_reference, export_oci
+    from unpacker import open_archive
+
+    # The layer waits in a temporary file beside OUT: same filesystem, and not $TMPDIR's tmpfs.
+    layer_dir = None if args.out == "-" else os.path.dirname(os.path.abspath(args.out))
+    with open_archive(args.archive) as source, open_output(args.out, args.force) as out:
+        export_oci(source, out, args.tag or default_reference(args.archive),
+                   compression=args.compression, limits=_limits(args), layer_dir=layer_dir,
+                   quiet=args.quiet)
+    return 0
+
+
 def _program_arguments(argv: list[str], archive: str, parsed: list[str]) -> list[str]:
     """Everything after the archive belongs to the program, a leading `--` too, which argparse
     would swallow."""
@@ -353,7 +396,8 @@ def _split_trace_arguments(argv: list[str]) -> tuple[list[str], list[str] | None
 
 
 COMMANDS = {"create": cmd_create, "deps": cmd_deps, "run": cmd_run, "extract": cmd_extract,
-            "list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify}
+            "list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify,
+            "export-oci": cmd_export_oci}
 
 
 TERMINATING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from unpacker import Limits, extract, open_archive
+from unpacker.format import BASE_ENV
 
 from .errors import RunError
 from .init import GRACE
@@ -18,12 +19,9 @@ from .workspace import workspace
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
 def environment(manifest: dict[str, Any], extra: dict[str, str]) -> dict[str, str]:
     """The program's environment: a clean base, the archive's defaults, then the user's."""
-    env = {"PATH": DEFAULT_PATH, "HOME": "/"}
+    env = dict(BASE_ENV)
     if "TERM" in os.environ:
         env["TERM"] = os.environ["TERM"]
     stored = manifest.get("env")

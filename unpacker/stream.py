@@ -1,7 +1,7 @@
 """One checked pass over an archive: the reader behind extract, verify, list and inspect."""
 
 import hashlib
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -45,13 +45,19 @@ class ArchiveReader:
     Once iteration has ended without an error, `manifest`, `identity` (the sha256 of the
     uncompressed tar stream), `members`, `tar_bytes` and `compressed_bytes` describe the
     archive. Faults that are not UnpackError already become one, naming the member at hand.
+
+    `tar_sink`, if given, is handed every byte of the uncompressed tar stream in order as it
+    is read, end-of-archive padding included: the bytes whose sha256 is `identity`. On a
+    refusal it has seen only part of them, checked or not, and the caller must discard them.
     """
 
     def __init__(self, source: BinaryIO, limits: Limits | None = None, *,
-                 check_platform: bool = True) -> None:
+                 check_platform: bool = True,
+                 tar_sink: Callable[[bytes], object] | None = None) -> None:
         self._source = source
         self._limits = limits or Limits()
         self._check_platform = check_platform
+        self._tar_sink = tar_sink
         self._tree = _Tree()
         self._current: Member | None = None
         self.manifest: Manifest | None = None
@@ -64,7 +70,7 @@ class ArchiveReader:
         checker = FrameChecker(self._source)
         try:
             with open_stream(checker) as stream:
-                hashing = _Hashing(stream)
+                hashing = _Hashing(stream, self._tar_sink)
                 reader = TarReader(hashing, self._limits)
                 check = yield from self._items(reader)
                 self._current = None
@@ -122,10 +128,12 @@ class ArchiveReader:
         return manifest, data
 
 class _Hashing:
-    """Passes the decompressed stream on, hashing it: the archive's identity."""
+    """Passes the decompressed stream on, hashing it (the archive's identity) and copying it
+    to `sink` if there is one."""
 
-    def __init__(self, stream: Readable) -> None:
+    def __init__(self, stream: Readable, sink: Callable[[bytes], object] | None) -> None:
         self._stream = stream
+        self._sink = sink
         self.digest = hashlib.sha256()
         self.size = 0
 
@@ -133,6 +141,8 @@ class _Hashing:
         data = self._stream.read(size)
         self.digest.update(data)
         self.size += len(data)
+        if self._sink is not None and data:
+            self._sink(data)
         return data
 
 
