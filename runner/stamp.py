@@ -20,15 +20,18 @@ class Stamp:
     disk_bytes: int
 
     def difference(self, other: "Stamp") -> str | None:
-        """The first path, in sorted order, whose entry differs in other; None if none does."""
-        if self.records == other.records:
+        """What differs in other, or None: a path gone, else one new, else one changed.
+
+        A path gone or new also changes its directory; it is the more telling of the two.
+        """
+        mine, theirs = self.records, other.records
+        if mine == theirs:
             return None
-        for path in sorted(self.records.keys() | other.records.keys()):
-            mine, theirs = self.records.get(path), other.records.get(path)
-            if mine != theirs:
-                what = "is missing" if theirs is None else "appeared" if mine is None else "changed"
-                return f"/{path} {what}"
-        return None
+        if gone := mine.keys() - theirs.keys():
+            return f"/{min(gone)} is missing"
+        if new := theirs.keys() - mine.keys():
+            return f"/{min(new)} appeared"
+        return f"/{min(path for path in mine if mine[path] != theirs[path])} changed"
 
 
 def take(root_fd: int) -> Stamp:
