@@ -117,7 +117,7 @@ def unpacked(source: BinaryIO, place: str, use_cache: bool, cache_size: int, lim
 def open_cache(source: BinaryIO, place: str, size: int) -> Cache | None:
     """The cache, if this archive and this host can use it; None, saying why, if not."""
     if quick_key(source) is None:
-        logger.debug("not using the cache: the archive is not a file read from its start")
+        logger.info("not using the cache: the archive is not a file read from its start")
         return None
     reason = check_overlay(place)
     if reason is not None:

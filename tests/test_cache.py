@@ -285,3 +285,17 @@ def test_bad_cache_size_variable_is_an_error(host: Host, sh: Path) -> None:
     assert (done.returncode, done.stderr) == (
         125, "rpack: error: $RPACK_CACHE_SIZE: expected a size such as 512M or 2G, got 'lots'\n")
     host.check()
+
+
+def test_limits_and_trust_setuid_apply_to_cached_roots(host: Host, sh: Path) -> None:
+    run_ok("root", host, sh, "true")
+    (entry,) = entries(host, "root")
+    # Judged by the counts taken at unpacking; the archive is then read, and refused.
+    done = run_cli("root", "run", "--tmpdir", host.tmpdir, "--max-members", "3", sh, "-c", "true")
+    assert done.returncode == 125
+    assert done.stderr.startswith("rpack: error: ") and "too many members" in done.stderr
+    assert entries(host, "root") == [entry]
+    # A root unpacked with its setuid bits is another root.
+    run_ok("root", host, sh, "true", "--trust-setuid")
+    assert entries(host, "root") == [entry, entry.with_name(entry.name + "-setuid")]
+    host.check()
