@@ -207,10 +207,11 @@ class Cache:
             except OSError:
                 return None
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
+                # Under the cache's lock only listing() takes LOCK_EX on an entry, briefly.
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except BaseException:
                 os.close(fd)
-                return None
+                raise
         return Entry(self, name, fd)
 
     def build(self, source: BinaryIO, key: str | None, limits: Limits,
