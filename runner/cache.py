@@ -224,11 +224,6 @@ class Cache:
             summary = extract_summary(source, os.path.join(path, ROOT), limits=limits,
                                       trust_setuid=trust_setuid)
             self.record(entry, summary, trust_setuid)
-        except BaseException:
-            self.release(entry)
-            raise
-
-        try:
             self.keep(entry, source, key, entry_name(summary.identity, trust_setuid))
         except BaseException:
             self.release(entry)
