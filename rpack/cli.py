@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     deps.add_argument("programs", nargs="+", metavar="PROGRAM")
 
     run = commands.add_parser("run", help="run a packed program",
-                              description="Unpack ARCHIVE into a private root and run its "
-                              "entrypoint there with ARGs.")
+                              description="Unpack ARCHIVE into a private root, or reuse the "
+                              "root cached by an earlier run of it, and run its entrypoint there "
+                              "with ARGs.")
     _common(run, top=False)
     _unpack_options(run, extracting=True)
     run.add_argument("--entrypoint", metavar="PATH", help="run another packed program")
