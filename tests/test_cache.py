@@ -299,3 +299,26 @@ def test_limits_and_trust_setuid_apply_to_cached_roots(host: Host, sh: Path) -> 
     run_ok("root", host, sh, "true", "--trust-setuid")
     assert entries(host, "root") == [entry, entry.with_name(entry.name + "-setuid")]
     host.check()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_without_overlays_each_run_unpacks_its_own_root(host: Host, sh: Path, mode: str) -> None:
+    # overlayfs refuses an upper layer on overlayfs: here the temporary directory is one, in a
+    # mount namespace that ends with the run.
+    layers = {name: host.tmpdir / name for name in ("lower", "upper", "work", "merged")}
+    for path in layers.values():
+        path.mkdir()
+        path.chmod(0o1777)
+    options = ",".join(f"{name}dir={layers[name]}" for name in ("lower", "upper", "work"))
+    mount = f'mount -t overlay -o {options} rpack-test "$0" && exec "$@"'
+    prefix = ("unshare", "--mount", "--propagation", "private", "sh", "-c", mount,
+              str(layers["merged"]))
+    for _ in range(2):
+        done = run_cli(mode, "-v", "run", "--tmpdir", layers["merged"], sh, "-c", "echo ran",
+                       prefix=prefix)
+        assert (done.returncode, done.stdout) == (0, "ran\n"), done.stderr
+        assert "rpack: not using the cache, since the sandbox cannot mount an overlay here: " \
+               "cannot mount overlay on " in done.stderr
+    base = layers["upper"] / f"rpack-{0 if mode == 'root' else NOBODY}"
+    assert list(base.iterdir()) == []
+    host.check()
