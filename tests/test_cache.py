@@ -13,7 +13,19 @@ from pathlib import Path
 
 import pytest
 from conftest import rpack, rpack_env
-from test_run import MODES, NOBODY, Host, cli, create, host, run_cli, sh, shared, start_cli
+from test_run import (
+    MODES,
+    NOBODY,
+    Host,
+    cli,
+    create,
+    host,
+    run_cli,
+    sh,
+    shared,
+    start_cli,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -322,3 +334,31 @@ def test_without_overlays_each_run_unpacks_its_own_root(host: Host, sh: Path, mo
     base = layers["upper"] / f"rpack-{0 if mode == 'root' else NOBODY}"
     assert list(base.iterdir()) == []
     host.check()
+
+
+@pytest.mark.heavy
+def test_a_build_killed_halfway_is_never_used_and_swept(host: Host, shared: Path) -> None:
+    big = shared / "big-build"
+    with open(big, "wb") as f:
+        f.truncate(600 << 20)
+    archive = shared / "big-build.tar.zst"
+    created = rpack("create", "--add", big, archive, "/bin/sh")
+    big.unlink()
+    assert created.returncode == 0, created.stderr
+    try:
+        process = start_cli("root", "run", "--tmpdir", host.tmpdir, archive, "-c", "echo ran")
+        builds = cache_dir(host, "root").glob
+        assert wait_for(lambda: any(builds("build-*/root/tmp")), timeout=60)
+        process.kill()
+        assert process.wait(timeout=30) == -signal.SIGKILL
+        (build,) = builds("build-*")
+        host.check(roots=2)  # its run's directory, and the half-built root
+
+        done = run_cli("root", "run", "--tmpdir", host.tmpdir, archive, "-c", "echo ran")
+        assert (done.returncode, done.stdout, done.stderr) == (0, "ran\n", "")
+        assert not build.exists()
+        (entry,) = entries(host, "root")
+        assert (entry / "root/tmp").is_dir() and (entry / "stamp.json").is_file()
+        host.check()
+    finally:
+        archive.unlink()
