@@ -22,6 +22,8 @@ logger = logging.getLogger("rpack")
 
 EXIT_FAILURE = 1
 EXIT_RUN_FAILURE = 125
+# Read here rather than from runner.cache, which the CLI imports only for the commands using it.
+CACHE_SIZE_VARIABLE = "RPACK_CACHE_SIZE"
 
 
 class _Formatter(logging.Formatter):
@@ -225,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     deps.add_argument("programs", nargs="+", metavar="PROGRAM")
 
     run = commands.add_parser("run", help="run a packed program",
-                              description="Unpack ARCHIVE into a private root and run its "
-                              "entrypoint there with ARGs.")
+                              description="Unpack ARCHIVE into a private root, or reuse the "
+                              "root cached by an earlier run of it, and run its entrypoint there "
+                              "with ARGs.")
     _common(run, top=False)
     _unpack_options(run, extracting=True)
     run.add_argument("--entrypoint", metavar="PATH", help="run another packed program")
@@ -242,11 +245,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-host-files", action="store_true",
                      help="do not bind the host's /etc/resolv.conf and /etc/hosts read-only "
                      "into the root")
+    run.add_argument("--no-cache", action="store_true",
+                     help="unpack the archive for this run only, neither using nor filling "
+                     "the cache of unpacked roots")
+    run.add_argument("--cache-size", type=_size, metavar="SIZE",
+                     help=f"the cache's limit; the least recently used roots go first "
+                     f"(default: ${CACHE_SIZE_VARIABLE} or 4G)")
     run.add_argument("archive", metavar="ARCHIVE", help="archive file, or - for stdin")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")
     _unpack_commands(commands)
     _export_command(commands)
+    _cache_commands(commands)
     return parser
+
+
+def _cache_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
+    cache = commands.add_parser("cache", help="list or empty the cache of unpacked roots",
+                                description="The roots that rpack run unpacked and keeps for "
+                                "the next run of the same archive.")
+    _common(cache, top=False)
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                   parser_class=_Parser)
+    for name, text in (("list", "show the cached roots, most recently used first"),
+                       ("clean", "delete every cached root no run is using")):
+        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _common(action, top=False)
+        action.add_argument("--tmpdir", metavar="DIR",
+                            help="the runs' temporary directory, which holds the cache "
+                            "(default: $TMPDIR or /tmp)")
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -305,13 +331,52 @@ def cmd_deps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_size(args: argparse.Namespace) -> int:
+    from runner.cache import DEFAULT_SIZE
+
+    if args.cache_size is not None:
+        return int(args.cache_size)
+    text = os.environ.get(CACHE_SIZE_VARIABLE)
+    if not text:
+        return DEFAULT_SIZE
+    try:
+        return _size(text)
+    except argparse.ArgumentTypeError as e:
+        from runner import RunError
+
+        raise RunError(f"${CACHE_SIZE_VARIABLE}: {e}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from runner.launch import launch
 
     return launch(args.archive, args.args, entrypoint=args.entrypoint, env=dict(args.env),
                   workdir=args.workdir, tmpdir=args.tmpdir, keep=args.keep,
                   binds=args.bind, limits=_limits(args), trust_setuid=args.trust_setuid,
-                  host_files=not args.no_host_files)
+                  host_files=not args.no_host_files, cache=not args.no_cache,
+                  cache_size=_cache_size(args))
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from runner.cache import open_cache
+
+    cache = open_cache(args.tmpdir)
+    try:
+        if args.action == "clean":
+            removed, busy = cache.clean()
+            if not args.quiet:
+                print(f"removed {removed} cached roots"
+                      + (f"; {busy} in use stay" if busy else ""))
+            return 0
+        for name, size, used, in_use in cache.listing():
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(used))
+            print(f"{name}  {size / (1 << 20):9.1f} MiB  used {when}"
+                  + ("  in use" if in_use else ""))
+        return 0
+    finally:
+        cache.close()
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -397,7 +462,7 @@ def _split_trace_arguments(argv: list[str]) -> tuple[list[str], list[str] | None
 
 COMMANDS = {"create": cmd_create, "deps": cmd_deps, "run": cmd_run, "extract": cmd_extract,
             "list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify,
-            "export-oci": cmd_export_oci}
+            "export-oci": cmd_export_oci, "cache": cmd_cache}
 
 
 TERMINATING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)

@@ -14,7 +14,7 @@ from typing import NoReturn
 from runner import linux
 from runner.errors import RunError
 from runner.identity import prepare_etc
-from runner.mounts import Bind, enter_root
+from runner.mounts import Bind, Layers, enter_root
 from runner.terminal import TtySetup, become_controlled, open_pty
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class Job:
     grace: float = GRACE
     user: str = "root"  # the invoking user's name on the host, for the generated passwd
     host_files: bool = True  # bind the host's resolv.conf and hosts read-only
+    layers: Layers | None = None  # mount the root as an overlay of these (runner.cache)
 
 
 def init(job: Job, lifeline: int) -> int:
@@ -62,7 +63,7 @@ def init(job: Job, lifeline: int) -> int:
         for warning in prepare_etc(newroot, job.user, job.host_files):
             send(job.report, {"warning": warning})
 
-    enter_root(job.root, job.binds, job.userns, prepare)
+    enter_root(job.root, job.binds, job.userns, prepare, job.layers)
     try:
         os.chdir(job.workdir)
     except OSError as e:

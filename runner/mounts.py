@@ -71,15 +71,33 @@ class Bind:
         return cls(os.path.abspath(source), dest.lstrip("/"), mode == "ro")
 
 
+@dataclass(frozen=True)
+class Layers:
+    """An overlay for the root: a cached root read-only below, the run's own writes above.
+
+    upper and work are the run's, empty, on one filesystem; lower is never written to.
+    """
+
+    lower: str
+    upper: str
+    work: str
+
+
 def enter_root(root: str, binds: list[Bind], userns: bool,
-               prepare: Callable[[int], None] | None = None) -> None:
+               prepare: Callable[[int], None] | None = None,
+               layers: Layers | None = None) -> None:
     """Make root the whole filesystem of this mount namespace, with a fresh /proc and /dev.
 
-    Every mount target inside the root is opened without following links, so no symlink of
-    the archive can aim a mount at the host. prepare gets the root's descriptor after /dev is
-    mounted and before the binds, which it cannot write through.
+    The root is root itself bound onto itself, or with layers an overlay mounted on root;
+    either way nosuid,nodev. Every mount target inside the root is opened without following
+    links, so no symlink of the archive can aim a mount at the host. prepare gets the root's
+    descriptor after /dev is mounted and before the binds, which it cannot write through; with
+    layers, what it and the program write lands in the upper layer.
     """
-    bind_root(root)
+    if layers:
+        mount_overlay(root, layers, userns)
+    else:
+        bind_root(root)
     # Opened after the bind: this is the new mount, not the directory underneath it.
     newroot = os.open(root, O_PATHDIR)
     try:
@@ -120,6 +138,27 @@ def bind_root(root: str) -> None:
         remount(root, flags, linux.MS_NOSUID | linux.MS_NODEV)
     except OSError as e:
         raise RunError(f"cannot make {root} nosuid,nodev: {e.strerror}") from e
+
+
+def mount_overlay(root: str, layers: Layers, userns: bool) -> None:
+    """Mount an overlay of layers on root, nosuid and nodev."""
+    fds: list[int] = []
+    try:
+        for path in (layers.lower, layers.upper, layers.work, root):
+            try:
+                fds.append(os.open(path, O_PATHDIR))
+            except OSError as e:
+                raise RunError(f"cannot open {path} for the root's overlay: {e.strerror}") from e
+        lower, upper, work, target = fds
+        # Named by descriptor: no host path is looked up again, and none needs escaping.
+        options = f"lowerdir={fd_path(lower)},upperdir={fd_path(upper)},workdir={fd_path(work)}"
+        if userns:
+            # Without real root, whiteouts and opaque directories are marked in user.* xattrs.
+            options += ",userxattr"
+        mount_on(target, root, "overlay", "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def remount(path: str, statvfs_flags: int, add: int) -> None:

@@ -11,10 +11,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from runner import linux
+from runner.cleanup import remove_tree
 from runner.errors import RunError
 from runner.identity import invoker
 from runner.init import FORWARDED, GRACE, WAITED, Job, init, read_all, reap, send, supervise
-from runner.mounts import Bind
+from runner.mounts import Bind, Layers, mount_overlay
 from runner.terminal import Terminal
 
 log = logging.getLogger(__name__)
@@ -36,13 +37,15 @@ USERNS_DISABLED = ("unprivileged user namespaces are probably disabled "
 
 
 def run(root: str, argv: list[str], env: dict[str, str], workdir: str = "/", *,
-        binds: Sequence[Bind] = (), grace: float = GRACE, host_files: bool = True) -> int:
+        binds: Sequence[Bind] = (), grace: float = GRACE, host_files: bool = True,
+        layers: Layers | None = None) -> int:
     """Run argv inside the extracted root and return its exit status, the way a shell does.
 
     The status is the program's own, 128+N if signal N ended it, 126 if it could not be
     executed and 127 if it is not in the root. RunError means the sandbox itself failed.
     The root gets /etc/passwd and /etc/group entries for uid and gid 0, and with host_files
-    the host's /etc/resolv.conf and /etc/hosts, read-only (runner.identity).
+    the host's /etc/resolv.conf and /etc/hosts, read-only (runner.identity). With layers,
+    root is an empty directory that the sandbox mounts their overlay on (check_overlay).
     Call it from the main thread: it blocks the forwarded signals there while it waits.
     """
     root = os.path.abspath(root)
@@ -51,7 +54,7 @@ def run(root: str, argv: list[str], env: dict[str, str], workdir: str = "/", *,
     terminal = Terminal.open()
     job = Job(root, list(argv), dict(env), workdir, list(binds), userns=os.geteuid() != 0,
               tty=terminal.setup if terminal else None, report=report_w, grace=grace,
-              user=invoker(), host_files=host_files)
+              user=invoker(), host_files=host_files, layers=layers)
     log.debug("running %s in %s%s", argv, root, " in a user namespace" if job.userns else "")
     try:
         status = start(job, terminal)
@@ -114,6 +117,42 @@ def check_namespaces() -> None:
 
 def probe() -> int:
     enter_namespaces(os.geteuid() != 0)
+    return 0
+
+
+def check_overlay(place: str) -> str | None:
+    """Why the sandbox cannot mount an overlay with its layers in place; None if it can.
+
+    A throwaway child tries, in namespaces of its own, on empty directories made in place and
+    removed again.
+    """
+    probe_dir = os.path.join(place, "overlay-probe")
+    os.mkdir(probe_dir, 0o700)
+    try:
+        layers = Layers(*(os.path.join(probe_dir, name) for name in ("lower", "upper", "work")))
+        root = os.path.join(probe_dir, "root")
+        for path in (layers.lower, layers.upper, layers.work, root):
+            os.mkdir(path, 0o700)
+        report_r, report_w = os.pipe()
+        try:
+            try:
+                pid = spawn(lambda: probe_overlay(root, layers), report_w)
+            finally:
+                os.close(report_w)
+            os.waitpid(pid, 0)
+            reports = read_reports(report_r)
+        finally:
+            os.close(report_r)
+    finally:
+        remove_tree(probe_dir)
+    return next((report["error"] for report in reports if "error" in report), None)
+
+
+def probe_overlay(root: str, layers: Layers) -> int:
+    userns = os.geteuid() != 0
+    enter_namespaces(userns)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    mount_overlay(root, layers, userns)
     return 0
 
 

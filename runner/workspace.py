@@ -111,15 +111,19 @@ def create(base_fd: int, base: str, prefix: str) -> tuple[str, int]:
     return root, lock
 
 
-def sweep(base_fd: int, base: str) -> None:
-    """Delete the roots in base that no live runner holds, left by one that was killed."""
+def sweep(base_fd: int, base: str, prefixes: tuple[str, ...] = (RUN_PREFIX,)) -> None:
+    """Delete the directories in base named with prefixes that no live runner holds.
+
+    They were left by a runner that was killed: roots of runs, and the cache's unfinished
+    builds and deletions (runner.cache).
+    """
     try:
         fcntl.flock(base_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return  # another runner is sweeping or creating; the next run sweeps
     try:
         stale = [(name, lock) for name in sorted(os.listdir(base_fd))
-                 if name.startswith(RUN_PREFIX) and (lock := take_lock(base_fd, name)) >= 0]
+                 if name.startswith(prefixes) and (lock := take_lock(base_fd, name)) >= 0]
     finally:
         fcntl.flock(base_fd, fcntl.LOCK_UN)
 

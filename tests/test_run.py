@@ -197,7 +197,13 @@ class Host:
                 for p in self.outside.iterdir()}
 
     def roots(self) -> list[Path]:
-        return sorted(self.tmpdir.glob("rpack-*/*"))
+        """The runs' directories, and the cache's unfinished builds and deletions.
+
+        The cache itself, and the entries in it, outlive the runs on purpose (runner.cache).
+        """
+        runs = [path for path in self.tmpdir.glob("rpack-*/*") if path.name != "cache"]
+        return sorted(runs + [*self.tmpdir.glob("rpack-*/cache/build-*"),
+                              *self.tmpdir.glob("rpack-*/cache/trash-*")])
 
     def check(self, roots: int = 0) -> None:
         """I1: nothing outside the roots changed; I2: no root is left; I3: no mount either."""

@@ -12,6 +12,7 @@ from unpacker.errors import UnpackError, reason
 from unpacker.limits import Limits
 from unpacker.read import Kind, Member
 from unpacker.stream import ArchiveReader, Item
+from unpacker.verify import Summary
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,20 @@ def extract(
     On any refusal or failure, everything created below `dest` is removed (`dest` stays,
     empty) and UnpackError is raised.
     """
+    return extract_summary(source, dest, limits=limits, trust_setuid=trust_setuid,
+                           numeric_owner=numeric_owner, check_platform=check_platform).manifest
+
+
+def extract_summary(
+    source: BinaryIO,
+    dest: str | os.PathLike[str],
+    *,
+    limits: Limits | None = None,
+    trust_setuid: bool = False,
+    numeric_owner: bool = False,
+    check_platform: bool = True,
+) -> Summary:
+    """`extract`, returning what `verify` would: the manifest, the identity and the sizes."""
     if numeric_owner and os.geteuid() != 0:
         raise UnpackError("numeric ownership needs root")
     root_fd = _open_dest(dest)
@@ -172,7 +187,7 @@ class _Extraction:
         self.member: Member | None = None  # the member being created, for error messages
         self.setid_stripped = 0
 
-    def run(self, source: BinaryIO, check_platform: bool) -> dict[str, Any]:
+    def run(self, source: BinaryIO, check_platform: bool) -> Summary:
         reader = ArchiveReader(source, self.limits, check_platform=check_platform)
         try:
             for item in reader:
@@ -195,8 +210,9 @@ class _Extraction:
             logger.warning("stripped setuid/setgid bits from %d members", self.setid_stripped)
         logger.info("extracted %d members from %d compressed bytes", reader.members,
                     reader.compressed_bytes)
-        assert reader.manifest is not None
-        return reader.manifest.data
+        assert reader.manifest is not None and reader.identity is not None
+        return Summary(reader.manifest.data, reader.identity, reader.members,
+                       reader.manifest.file_bytes, reader.tar_bytes, reader.compressed_bytes)
 
     def _check_space(self, needed: int) -> None:
         st = os.fstatvfs(self.root_fd)
