@@ -12,15 +12,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import rpack, rpack_env
+from conftest import NOBODY, cli, rpack, rpack_env, run_cli
 from test_run import (
     MODES,
-    NOBODY,
     Host,
-    cli,
     create,
     host,
-    run_cli,
     sh,
     shared,
     start_cli,
