@@ -84,6 +84,12 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _threads(text: str) -> int:
+    if not text.isdigit() or int(text) > 256:
+        raise argparse.ArgumentTypeError(f"expected 0 to 256 threads, got {text!r}")
+    return int(text)
+
+
 def _unpack_options(parser: argparse.ArgumentParser, extracting: bool) -> None:
     """The reader's limits and, for commands that extract, what to trust the archive with."""
     from unpacker.limits import GiB, Limits
@@ -215,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the default working directory")
     create.add_argument("-l", "--level", type=int, default=3, choices=range(1, 23),
                         metavar="LEVEL", help="zstd level, 1 to 22 (default 3)")
-    create.add_argument("-T", "--threads", type=int, default=0, choices=range(0, 257),
-                        metavar="THREADS", help="zstd threads (default 0: all cores)")
+    create.add_argument("-T", "--threads", type=_threads, default=0, metavar="THREADS",
+                        help="zstd threads, up to 256 (default 0: all cores)")
     create.add_argument("archive", metavar="ARCHIVE", help="output file, or - for stdout")
     create.add_argument("programs", nargs="+", metavar="PROGRAM")
 
@@ -252,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"the cache's limit; the least recently used roots go first "
                      f"(default: ${CACHE_SIZE_VARIABLE} or 4G)")
     run.add_argument("archive", metavar="ARCHIVE", help="archive file, or - for stdin")
-    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")
+    # argparse calls a REMAINDER positional required; no ARG at all is fine.
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG").required = False
     _unpack_commands(commands)
     _export_command(commands)
     _cache_commands(commands)

@@ -34,7 +34,8 @@ def normalize(name: str, utf8: bool, is_dir: bool, limits: Limits) -> str:
     if any(len(part.encode()) > COMPONENT_MAX for part in parts):
         raise PathError(f"component longer than {COMPONENT_MAX} bytes")
     if len(parts) > limits.max_depth:
-        raise PathError(f"depth {len(parts)} exceeds limit max_depth ({limits.max_depth})")
+        raise PathError(f"depth {len(parts)} exceeds the limit of {limits.max_depth} "
+                        "(--max-depth)")
     if not parts and not is_dir:
         raise PathError("empty or '.' name refused for a non-directory")
     return "/".join(parts)

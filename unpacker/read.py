@@ -164,7 +164,8 @@ class TarReader:
             raise UnpackError(f"corrupt archive ({str(exc).lower()})", member) from exc
         self._offset += len(data)
         if self._offset > self._offset_max:
-            raise UnpackError("decompressed archive exceeds what limit max_total_bytes allows")
+            raise UnpackError("decompressed archive exceeds what the size limit allows "
+                              "(--max-total-size)")
         return data
 
     def _read_exact(self, size: int) -> bytes:
@@ -244,7 +245,7 @@ class TarReader:
         name, utf8 = _decode(raw_name)
         self._members += 1
         if self._members > self._limits.max_members:
-            raise UnpackError(f"too many members (limit max_members = {self._limits.max_members})",
+            raise UnpackError(f"too many members (limit {self._limits.max_members}, --max-members)",
                               name)
 
         kind = _KINDS.get(header.typeflag)
@@ -278,12 +279,14 @@ class TarReader:
             return
         if size > limits.max_member_size:
             raise UnpackError(
-                f"size {size} exceeds limit max_member_size ({limits.max_member_size})", name
+                f"size {size} exceeds the size limit of {limits.max_member_size} bytes "
+                "(--max-member-size)", name
             )
         self._total += size
         if self._total > limits.max_total_bytes:
             raise UnpackError(
-                f"total size exceeds limit max_total_bytes ({limits.max_total_bytes})", name
+                f"total size exceeds the size limit of {limits.max_total_bytes} bytes "
+                "(--max-total-size)", name
             )
 
     def _linkname(self, name: str, kind: Kind, raw: bytes) -> str:
