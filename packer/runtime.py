@@ -10,7 +10,8 @@ Decided from the packed objects alone (loader.md sections 11 and 12); nothing is
   locales, whose charsets glibc converts without modules.
 * The libraries named by FDO .note.dlopen notes, in priority order of each entry.
 * A few terminfo entries when libtinfo or libncurses is packed (section 12).
-* The standard library of Python and Perl when the program is the interpreter itself (R75):
+* The standard library of Python and Perl when the program is the interpreter itself, and of
+  Python when a packed object embeds libpython (R75):
   a user who packs /usr/bin/python3 expects `import json` to work.
 
 Static programs get none of this (R79): glibc >= 2.34 builds files and dns into the static
@@ -71,6 +72,8 @@ def collect(executables: list[str], objects: list[LoadedObject], model: LoaderMo
     runtime = Runtime()
     for program in executables:
         runtime.trees += standard_library(program)
+    for obj in objects:
+        runtime.trees += embedded_python(obj)
     if model is None or model.libc != "glibc":
         return runtime
     libc = next((o for o in objects if o.dynamic.soname == "libc.so.6"), None)
@@ -229,20 +232,32 @@ def standard_library(program: str) -> list[Extra]:
     """The standard library trees of an interpreter, when `program` is one (R75)."""
     real = os.path.realpath(program)
     name = os.path.basename(real)
-    python = re.fullmatch(r"python(\d+\.\d+)", name)
-    if python:
-        # Python's getpath: the prefix is the first ancestor with lib/pythonX.Y/os.py.
-        directory = os.path.dirname(real)
-        while directory != "/":
-            directory = os.path.dirname(directory)
-            stdlib = os.path.join(directory, "lib", name)
-            if os.path.isfile(os.path.join(stdlib, "os.py")):
-                return [Extra(os.path.join(stdlib, entry), f"the standard library of {program} "
-                              "(R75)") for entry in sorted(os.listdir(stdlib))
-                        if not any(fnmatch.fnmatchcase(entry, g) for g in PYTHON_SKIP)]
-        return []
+    if re.fullmatch(r"python(\d+\.\d+)", name):
+        return _python_stdlib(real, name, f"the standard library of {program} (R75)")
     if re.fullmatch(r"perl(5[\d.]*)?", name):
         return [Extra(d, f"@INC directory of {program}") for d in _perl_inc(real)]
+    return []
+
+
+def embedded_python(obj: LoadedObject) -> list[Extra]:
+    """The standard library of a libpython that a program embeds (gdb, vim): without it the
+    interpreter aborts at start-up, as the program's own does."""
+    version = re.fullmatch(r"libpython(\d+\.\d+)\.so(\.[\d.]+)?", obj.dynamic.soname or "")
+    if version is None:
+        return []
+    return _python_stdlib(os.path.realpath(obj.name), f"python{version.group(1)}",
+                          f"the standard library of {obj.dynamic.soname}, embedded (R75)")
+
+
+def _python_stdlib(real: str, name: str, why: str) -> list[Extra]:
+    # Python's getpath: the prefix is the first ancestor with lib/pythonX.Y/os.py.
+    directory = os.path.dirname(real)
+    while directory != "/":
+        directory = os.path.dirname(directory)
+        stdlib = os.path.join(directory, "lib", name)
+        if os.path.isfile(os.path.join(stdlib, "os.py")):
+            return [Extra(os.path.join(stdlib, entry), why) for entry in sorted(os.listdir(stdlib))
+                    if not any(fnmatch.fnmatchcase(entry, g) for g in PYTHON_SKIP)]
     return []
 
 

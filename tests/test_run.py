@@ -696,8 +696,8 @@ PROGRAMS = [
     (["/bin/bash"], [], ["-c", "echo $((6 * 7))"], "42"),
     (["/bin/ls"], [], ["-la", "/"], "lib64 -> usr/lib64"),
     (["/usr/bin/git"], [], ["--version"], "git version"),
-    # gdb embeds Python, which aborts at start-up without its standard library.
-    (["/usr/bin/gdb"], ["--add", "/usr/lib/python3.11"], ["--version"], "GNU gdb"),
+    # gdb embeds Python, which aborts at start-up without the standard library rpack adds.
+    (["/usr/bin/gdb"], [], ["--version"], "GNU gdb"),
     (["/usr/bin/cmake"], [], ["--version"], "cmake version"),
     (["/usr/bin/perl"], [], ["-e", "print 1"], "1"),
     (["/usr/bin/python3"], ["--add", "/usr/lib/python3.11"],

@@ -101,6 +101,14 @@ def test_interpreters_bring_their_standard_library() -> None:
     assert any(p.endswith("/POSIX.pm") for p in perl)
 
 
+def test_an_embedded_libpython_brings_its_standard_library() -> None:
+    # gdb links libpython3.11 and aborts at start-up without encodings/ and the rest.
+    gdb = deps("/usr/bin/gdb")
+    encodings = gdb["/usr/lib/python3.11/encodings/__init__.py"]
+    assert encodings["kind"] == "runtime" and "libpython3.11.so" in encodings["why"]
+    assert "/usr/lib/python3.11/os.py" not in deps("/bin/sh")
+
+
 # --- in the root --------------------------------------------------------------------------
 
 
