@@ -340,3 +340,40 @@ def test_library_path_given_with_env_works_without_it(tmp_path: Path) -> None:
     done = subprocess.run(["chroot", str(root), str(tmp_path / "prog")], capture_output=True,
                           text=True, env={"PATH": "/usr/sbin:/usr/bin"})
     assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def evil_interp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A program whose PT_INTERP is a static program in /tmp that leaves a marker when run."""
+    where = tmp_path_factory.mktemp("evil")
+    marker = where / "marker"
+    (where / "evilld.c").write_text(
+        '#include <stdio.h>\nint main(void) {\n'
+        f'  FILE *f = fopen("{marker}", "a"); if (f) {{ fputs("ran\\n", f); fclose(f); }}\n'
+        '  return 0;\n}\n')
+    (where / "hello.c").write_text('int main(void) { return 0; }\n')
+    subprocess.run(["gcc", "-static", "-o", str(where / "evilld"), str(where / "evilld.c")],
+                   check=True)
+    subprocess.run(["gcc", "-o", str(where / "evil2"), str(where / "hello.c"),
+                    f"-Wl,--dynamic-linker={where / 'evilld'}"], check=True)
+    return where / "evil2", marker
+
+
+def test_an_untrusted_interpreter_is_never_run(evil_interp: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    program, marker = evil_interp
+    deps = rpack("deps", "--json", str(program))
+    assert not marker.exists()
+    assert deps.returncode == 0, deps.stderr
+    warning = [line for line in deps.stderr.splitlines() if line.startswith("rpack: warning:")]
+    assert len(warning) == 1 and f"{program.parent / 'evilld'}" in warning[0]
+    assert "writable" in warning[0] or "not owned by root" in warning[0]
+    report = json.loads(deps.stdout)
+    assert report["interpreter"] == str(program.parent / "evilld")
+    # The host's trusted loader stood in for the model: libc is found as it would be.
+    assert any(f["path"].endswith("/libc.so.6") for f in report["files"])
+    out = tmp_path / "evil.tar.zst"
+    done = rpack("create", str(out), str(program))
+    assert not marker.exists()
+    assert done.returncode == 0, done.stderr
+    assert out.exists()
