@@ -13,7 +13,7 @@ from unpacker.format import DEFAULT_PATH, FORMAT
 from . import ldcache, runtime, script
 from .archive import hash_sources, manifest_entries, write_archive
 from .elf import ET_DYN, ET_EXEC, Verdict, abi_note, check_candidate, glibc_version, parse_header
-from .errors import PackError
+from .errors import MissingLibraries, PackError
 from .ldso import LoaderModel
 from .plan import Member, Plan
 from .resolve import LoadedObject, Missing, Resolution, Resolver
@@ -124,7 +124,6 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
     missing = _missing(resolutions, module_count=len(resolutions) - starts)
     for dropped in sorted({d for r in resolutions for d in r.dropped}):
         logger.warning("DT_NEEDED %s is skipped by the loader: $ORIGIN is unknown", dropped)
-    _check_missing(missing, options.allow_missing)
     resolutions += loaded_later
     _check_defaults(plan, options, programs)
     model = next((r.model for r in resolutions if r.model is not None), None)
@@ -136,8 +135,10 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
         _musl_path_file(plan, model, note)
     for directory, mode in (("proc", 0o555), ("dev", 0o755), ("tmp", 0o1777)):
         plan.add_generated_dir(directory, "generated", mode)
-    return Collection(programs, resolutions, plan, list(items.values()), missing, model,
-                      trace=traced)
+    collection = Collection(programs, resolutions, plan, list(items.values()), missing, model,
+                            trace=traced)
+    _check_missing(collection, options.allow_missing)
+    return collection
 
 
 def _place_resolution(plan: Plan, resolution: Resolution, note: Any) -> None:
@@ -300,11 +301,12 @@ def _check_defaults(plan: Plan, options: Options, programs: list[str]) -> None:
                         hint="name a packed program, or add it as a PROGRAM")
 
 
-def _check_missing(missing: list[Missing], allow: bool) -> None:
-    for m in missing:
+def _check_missing(collection: Collection, allow: bool) -> None:
+    for m in collection.missing:
         message = f"library {m.name!r} needed by {m.needed_by} cannot be found"
         if not allow:
-            raise PackError(message, hint="install it, or pass --allow-missing to pack anyway")
+            raise MissingLibraries(message, "install it, or pass --allow-missing to pack anyway",
+                                   collection.report())
         logger.warning("%s; packing without it (--allow-missing)", message)
 
 

@@ -316,10 +316,17 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_deps(args: argparse.Namespace) -> int:
+    from packer.errors import MissingLibraries
     from packer.pack import collect
 
-    collection = collect(_options(args))
-    report = collection.report()
+    try:
+        report = collect(_options(args)).report()
+    except MissingLibraries as e:
+        if args.json:
+            # The whole object all the same, `missing` filled in; the exit status still fails.
+            json.dump(e.report, sys.stdout, indent=1)
+            print()
+        raise
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import RPACK, rpack, rpack_env
+from conftest import RPACK, error_lines, rpack, rpack_env
 
 
 def members(archive: Path) -> list[tarfile.TarInfo]:
@@ -164,6 +164,11 @@ def test_missing_library_fails_naming_it_and_leaves_nothing(tmp_path: Path) -> N
     assert list(out.parent.iterdir()) == []
     deps = rpack("deps", "--json", str(tmp_path / "prog"))
     assert deps.returncode == 1 and "libgone.so.1" in deps.stderr
+    assert error_lines(deps.stderr) == [lines[0]]
+    failed = json.loads(deps.stdout)
+    assert set(failed) == {"programs", "interpreter", "files", "missing"}
+    assert failed["missing"] == [{"name": "libgone.so.1", "needed_by": str(tmp_path / "prog")}]
+    assert any(f["path"].endswith("/libc.so.6") for f in failed["files"])
     allowed = rpack("deps", "--json", "--allow-missing", str(tmp_path / "prog"))
     assert allowed.returncode == 0
     report = json.loads(allowed.stdout)
