@@ -135,6 +135,11 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
         _musl_path_file(plan, model, note)
     for directory, mode in (("proc", 0o555), ("dev", 0o755), ("tmp", 0o1777)):
         plan.add_generated_dir(directory, "generated", mode)
+    if not plan.resolves(options.workdir, directory=True):
+        raise PackError(f"--workdir {options.workdir!r} is not a directory in the archive",
+                        hint="name a directory the archive holds, or add it with --add")
+    if options.excludes:
+        _check_excludes(plan, resolutions[:starts])
     collection = Collection(programs, resolutions, plan, list(items.values()), missing, model,
                             trace=traced)
     _check_missing(collection, options.allow_missing)
@@ -295,10 +300,30 @@ def _missing(resolutions: list[Resolution], module_count: int) -> list[Missing]:
 def _check_defaults(plan: Plan, options: Options, programs: list[str]) -> None:
     if not options.workdir.startswith("/"):
         raise PackError(f"--workdir {options.workdir!r} is not an absolute path")
-    entrypoint = options.entrypoint
-    if entrypoint is not None and entrypoint not in programs and not plan.resolves(entrypoint):
-        raise PackError(f"--entrypoint {entrypoint!r} is not in the archive",
-                        hint="name a packed program, or add it as a PROGRAM")
+    entrypoint = options.entrypoint or programs[0]
+    if plan.resolves(entrypoint):
+        return
+    if entrypoint in programs:
+        raise PackError(f"--exclude leaves out the entrypoint {entrypoint}",
+                        hint="exclude less, or name another packed program with --entrypoint")
+    raise PackError(f"--entrypoint {entrypoint!r} is not in the archive",
+                    hint="name a packed program, or add it as a PROGRAM")
+
+
+def _check_excludes(plan: Plan, resolutions: list[Resolution]) -> None:
+    """Warn about every object the loader maps at start-up that an --exclude left out."""
+    warned = set()
+    for resolution in resolutions:
+        needs = [(resolution.interp, "the loader of")] if resolution.interp else []
+        needs += [(obj, "needed at start-up by") for obj in resolution.libraries]
+        for obj, role in needs:
+            path = _absolute(obj.name)
+            if path in warned or plan.resolves(path):
+                continue
+            warned.add(path)
+            needed_by = obj.loader.name if obj.loader else resolution.program
+            logger.warning("--exclude leaves out %s, %s %s, which will not start from the "
+                           "archive without it", obj.name, role, needed_by)
 
 
 def _check_missing(collection: Collection, allow: bool) -> None:

@@ -156,13 +156,16 @@ class Plan:
                 files.append(member)
         return files
 
-    def resolves(self, path: str) -> bool:
-        """Whether `path` leads to a file of the planned root, following its symlinks."""
+    def resolves(self, path: str, directory: bool = False) -> bool:
+        """Whether `path` leads to a file (or a directory) of the planned root, following its
+        symlinks."""
         pending = path.split("/")
         current = ""
         for _ in range(MAX_HOPS * 64):
             if not pending:
                 member = self.members.get(current)
+                if directory:
+                    return current == "" or (member is not None and member.type == "dir")
                 return member is not None and member.type in ("file", "hardlink")
             component = pending.pop(0)
             if component in ("", "."):

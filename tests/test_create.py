@@ -288,11 +288,37 @@ def test_names_the_reader_would_refuse_are_refused_at_create(tmp_path: Path,
 @pytest.mark.parametrize(("option", "message"), [
     (["--entrypoint", "/not/packed"], "not in the archive"),
     (["--workdir", "relative"], "not an absolute path"),
+    (["--workdir", "/nonexistent"], "--workdir '/nonexistent' is not a directory in the archive"),
+    (["--workdir", "/bin/sh"], "--workdir '/bin/sh' is not a directory in the archive"),
+    (["--exclude", "*"], "--exclude leaves out the entrypoint /bin/sh"),
+    (["--exclude", "/usr/bin/d*", "--entrypoint", "/bin/dash"],
+     "--exclude leaves out the entrypoint /bin/dash"),
 ])
 def test_defaults_that_could_not_run_are_refused(tmp_path: Path, option: list[str],
                                                  message: str) -> None:
-    done = rpack("create", *option, str(tmp_path / "x.tar.zst"), "/bin/sh")
+    done = rpack("create", *option, str(tmp_path / "x.tar.zst"), "/bin/sh", "/bin/dash")
     assert done.returncode == 1 and message in done.stderr
+    assert len(error_lines(done.stderr)) == 1 and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("workdir", ["/", "/tmp", "/usr/bin", "/bin"])
+def test_a_workdir_the_root_holds_is_accepted(tmp_path: Path, workdir: str) -> None:
+    done = rpack("create", "--workdir", workdir, str(tmp_path / "x.tar.zst"), "/bin/sh")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(("glob", "left_out", "role"), [
+    ("/lib64/ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2", "the loader of /bin/sh"),
+    ("*/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6", "needed at start-up by /bin/sh"),
+])
+def test_excluding_what_the_loader_maps_at_start_up_is_warned(tmp_path: Path, glob: str,
+                                                              left_out: str, role: str) -> None:
+    done = rpack("create", "--exclude", glob, str(tmp_path / "x.tar.zst"), "/bin/sh")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("rpack: warning:")]
+    assert len(warnings) == 1
+    assert f"--exclude leaves out {left_out}, {role}" in warnings[0]
 
 
 @pytest.mark.parametrize("epoch", ["abc", "-5", "99999999999999999999"])
