@@ -408,3 +408,39 @@ def test_an_untrusted_interpreter_is_never_run(evil_interp: tuple[Path, Path],
     assert not marker.exists()
     assert done.returncode == 0, done.stderr
     assert out.exists()
+
+
+def _output_fd(pid: int, directory: Path) -> Path | None:
+    """The descriptor through which process `pid` writes into `directory`, once it has data."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            if target.startswith(f"{directory}/") and fd.stat().st_size > 0:
+                return fd
+        except OSError:
+            continue
+    return None
+
+
+def test_a_killed_create_leaves_nothing_behind(tmp_path: Path) -> None:
+    big = tmp_path / "in" / "big"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(1 << 20))
+    out = tmp_path / "out"
+    out.mkdir()
+    # Level 19 on random data is slow enough to be caught with output half-written.
+    proc = subprocess.Popen([*RPACK, "create", "-l", "19", "-T", "1", "--add", str(big),
+                             str(out / "big.tar.zst"), "/bin/sh"],
+                            env=rpack_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and _output_fd(proc.pid, out) is None:
+            os.sched_yield()
+        assert proc.poll() is None, "create finished before it could be killed"
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -9
+    assert list(out.iterdir()) == []
