@@ -115,6 +115,8 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
             raise PackError(f"{added!r}: no such file or directory (given to --add)")
         for member in plan.add_tree(path, "added"):
             note("/" + member, "/" + member, "added", f"under {path} (--add)")
+            if plan.members[member].type == "symlink":
+                continue
             module = _elf_module(resolver, "/" + member, resolutions)
             if module is not None:
                 resolutions.append(module)
@@ -196,6 +198,8 @@ def _place_runtime(plan: Plan, resolver: Resolver, resolutions: list[Resolution]
     for tree in extra.trees:
         for member in plan.add_tree(tree.path, "runtime"):
             note("/" + member, "/" + member, "runtime", tree.why)
+            if plan.members[member].type == "symlink":
+                continue
             elf = _elf_module(resolver, "/" + member, resolutions)
             if elf is not None:
                 loaded.append(elf)

@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     resolve = _Parser(add_help=False)
     resolve.add_argument("--add", action="append", default=[], metavar="PATH",
-                         help="also pack a file or a tree; ELF files in it get their libraries")
+                         help="also pack a file or a tree (symlinks in it kept, not followed); "
+                         "ELF files in it get their libraries")
     resolve.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                          help="leave out paths matching GLOB")
     resolve.add_argument("--env", action="append", default=[], type=_key_value,

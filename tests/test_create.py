@@ -444,3 +444,36 @@ def test_a_killed_create_leaves_nothing_behind(tmp_path: Path) -> None:
         proc.wait()
     assert proc.returncode == -9
     assert list(out.iterdir()) == []
+
+
+def test_symlinks_in_an_added_tree_are_kept_not_followed(tmp_path: Path) -> None:
+    tree = tmp_path / "p"
+    (tree / "src").mkdir(parents=True)
+    (tree / "src" / "a").write_text("a\n")
+    (tree / "src" / "ls").write_bytes(Path("/usr/bin/ls").read_bytes())
+    links = {"conf": "../" * 12 + "etc", "root": "/", "alink": "src/a", "host": "/etc/hostname",
+             "dirlink": "src", "bin": "/usr/bin"}
+    for name, target in links.items():
+        (tree / name).symlink_to(target)
+    (tmp_path / "plink").symlink_to("p")
+    deps = rpack("deps", "--json", "--add", str(tmp_path / "plink"), "/bin/sh")
+    assert deps.returncode == 0, deps.stderr
+    files = {f["path"]: f for f in json.loads(deps.stdout)["files"]}
+    for name in links:
+        assert files[str(tree / name)]["kind"] == "added"
+    assert files[str(tmp_path / "plink")]["kind"] == "added"
+    assert files[str(tree / "src" / "ls")]["kind"] == "added"
+    # The ELF file of the tree still gets its libraries; nothing is packed through a link.
+    assert any("libselinux.so" in path for path in files)
+    assert not any(p.startswith(("/etc/shadow", "/proc", "/usr/bin/ls")) for p in files)
+    out = tmp_path / "p.tar.zst"
+    done = rpack("create", "--add", str(tmp_path / "plink"), str(out), "/bin/sh")
+    assert done.returncode == 0, done.stderr
+    by_name = {m.name: m for m in members(out)}
+    inside = str(tree).lstrip("/")
+    for name, target in links.items():
+        member = by_name[f"{inside}/{name}"]
+        assert member.issym() and member.linkname == target
+    assert by_name[str(tmp_path / "plink").lstrip("/")].linkname == "p"
+    assert by_name[f"{inside}/src/a"].isfile()
+    assert "etc/shadow" not in by_name and "usr/bin/ls" not in by_name
