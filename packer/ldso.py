@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 
 from . import ldcache
-from .elf import MACHINES, Header, read_header
+from .elf import ET_DYN, MACHINES, Header, read_dynamic, read_header
 from .errors import PackError
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def probe(interp: str) -> LoaderModel:
     header = read_header(interp)
     if re.match(r"ld-musl-", os.path.basename(interp)):
         return _probe_musl(interp, header.elf_class, header.machine)
-    doubt = distrust(interp)
+    doubt = distrust(interp) or _not_a_loader(interp)
     if doubt is None:
         return _probe_glibc(interp, header.elf_class, header.machine)
     system = SYSTEM_LOADERS.get((header.elf_class, header.machine))
@@ -82,6 +82,14 @@ def probe(interp: str) -> LoaderModel:
 
 def _same_abi(a: Header, b: Header) -> bool:
     return (a.elf_class, a.machine, a.little_endian) == (b.elf_class, b.machine, b.little_endian)
+
+
+def _not_a_loader(path: str) -> str | None:
+    """Why the file at `path` cannot be a dynamic loader, whose options are then unknown."""
+    dynamic = read_dynamic(path)
+    if dynamic.header.e_type != ET_DYN or dynamic.interp is not None:
+        return "it is not a dynamic loader: a loader is a shared object without PT_INTERP"
+    return None
 
 
 def distrust(path: str) -> str | None:

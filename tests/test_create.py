@@ -410,6 +410,15 @@ def test_an_untrusted_interpreter_is_never_run(evil_interp: tuple[Path, Path],
     assert out.exists()
 
 
+def test_a_root_owned_program_as_interpreter_is_not_run(tmp_path: Path) -> None:
+    (tmp_path / "hello.c").write_text("int main(void) { return 0; }\n")
+    subprocess.run(["gcc", "-o", str(tmp_path / "prog"), str(tmp_path / "hello.c"),
+                    "-Wl,--dynamic-linker=/usr/bin/true"], check=True)
+    deps = rpack("deps", str(tmp_path / "prog"))
+    assert deps.returncode == 0, deps.stderr
+    assert "'/usr/bin/true'" in deps.stderr and "it is not a dynamic loader" in deps.stderr
+
+
 def _output_fd(pid: int, directory: Path) -> Path | None:
     """The descriptor through which process `pid` writes into `directory`, once it has data."""
     for fd in Path(f"/proc/{pid}/fd").iterdir():
