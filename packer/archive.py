@@ -179,25 +179,23 @@ def open_output(path: str, force: bool) -> Iterator[BinaryIO]:
             raise PackError(f"{path!r} is not a regular file; -f replaces only archives",
                             hint="write to standard output with - and redirect it instead")
     directory = os.path.dirname(os.path.abspath(path))
-    try:
-        # An unnamed file in the output's directory: a killed create leaves nothing behind.
-        # Naming it at the end takes its /proc/self/fd link.
-        if not os.path.isdir("/proc/self/fd"):
-            raise OSError(errno.EOPNOTSUPP, "no /proc")
-        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            raise PackError(f"cannot create {path!r}: {e.strerror}") from None
+    # An unnamed file in the output's directory, so that a killed create leaves nothing
+    # behind; naming it at the end takes its /proc/self/fd link.
+    fd = None
+    if os.path.isdir("/proc/self/fd"):
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise PackError(f"cannot create {path!r}: {e.strerror}") from None
+    if fd is None:
         with _named_output(path, directory, force) as f:
             yield f
         return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            _link_into_place(f.fileno(), path, directory, force)
-    except FileExistsError:
-        raise PackError(f"{path!r} already exists", hint="use -f to overwrite it") from None
+    with os.fdopen(fd, "wb") as f:
+        yield f
+        f.flush()
+        _link_into_place(f.fileno(), path, directory, force)
 
 
 def _link_into_place(fd: int, path: str, directory: str, force: bool) -> None:
@@ -230,7 +228,7 @@ def _link(fd: int, directory_fd: int, path: str, name: str) -> None:
     try:
         os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=directory_fd, follow_symlinks=True)
     except FileExistsError:
-        raise
+        raise PackError(f"{path!r} already exists", hint="use -f to overwrite it") from None
     except OSError as e:
         raise PackError(f"cannot create {path!r}: {e.strerror}") from None
 
