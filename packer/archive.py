@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -178,6 +179,63 @@ def open_output(path: str, force: bool) -> Iterator[BinaryIO]:
             raise PackError(f"{path!r} is not a regular file; -f replaces only archives",
                             hint="write to standard output with - and redirect it instead")
     directory = os.path.dirname(os.path.abspath(path))
+    # An unnamed file in the output's directory, so that a killed create leaves nothing
+    # behind; naming it at the end takes its /proc/self/fd link.
+    fd = None
+    if os.path.isdir("/proc/self/fd"):
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise PackError(f"cannot create {path!r}: {e.strerror}") from None
+    if fd is None:
+        with _named_output(path, directory, force) as f:
+            yield f
+        return
+    with os.fdopen(fd, "wb") as f:
+        yield f
+        f.flush()
+        _link_into_place(f.fileno(), path, directory, force)
+
+
+def _link_into_place(fd: int, path: str, directory: str, force: bool) -> None:
+    """Name the finished unnamed file. link() fails if the name appeared meanwhile, so only -f
+    replaces a file, through a temporary name renamed over it."""
+    try:
+        directory_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise PackError(f"cannot create {path!r}: {e.strerror}") from None
+    try:
+        if not force:
+            _link(fd, directory_fd, path, os.path.basename(path))
+            return
+        temporary = f".rpack-{os.urandom(8).hex()}.part"
+        _link(fd, directory_fd, path, temporary)
+        try:
+            os.replace(temporary, os.path.basename(path), src_dir_fd=directory_fd,
+                       dst_dir_fd=directory_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=directory_fd)
+            raise
+    finally:
+        os.close(directory_fd)
+
+
+def _link(fd: int, directory_fd: int, path: str, name: str) -> None:
+    # A destination directory fd makes os.link use linkat(AT_SYMLINK_FOLLOW), which links the
+    # file behind the /proc link; plain link() would try to link the /proc link itself.
+    try:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=directory_fd, follow_symlinks=True)
+    except FileExistsError:
+        raise PackError(f"{path!r} already exists", hint="use -f to overwrite it") from None
+    except OSError as e:
+        raise PackError(f"cannot create {path!r}: {e.strerror}") from None
+
+
+@contextlib.contextmanager
+def _named_output(path: str, directory: str, force: bool) -> Iterator[BinaryIO]:
+    """The output through a named temporary file, where the file system has no O_TMPFILE."""
     try:
         fd, temporary = tempfile.mkstemp(prefix=".rpack-", suffix=".part", dir=directory)
     except OSError as e:

@@ -10,12 +10,18 @@ from enum import Enum
 from typing import BinaryIO
 
 from elftools.common.exceptions import ELFError
+from elftools.construct.core import ConstructError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.gnuversions import GNUVerDefSection
 
 from .errors import PackError
 
 ET_EXEC, ET_DYN = 2, 3
+
+# What pyelftools raises on a file it cannot parse: its own errors, construct's and whatever a
+# bad offset or count makes Python raise while it follows them.
+PARSE_ERRORS = (ELFError, ConstructError, ValueError, struct.error, IndexError, KeyError,
+                OverflowError, OSError)
 DF_1_NODEFLIB = 0x800
 DF_1_PIE = 0x08000000
 
@@ -164,7 +170,7 @@ def read_dynamic(path: str) -> Dynamic:
     except OSError as e:
         raise PackError(f"cannot read {path!r}: {e.strerror}") from None
     except _Malformed as e:
-        raise PackError(f"{path!r} is not a valid ELF file: {e}") from None
+        raise PackError(f"{path!r}: malformed ELF file ({e})") from None
 
 
 class _Malformed(Exception):
@@ -176,6 +182,7 @@ def _read_dynamic(f: BinaryIO) -> Dynamic:
     header = parse_header(ident)
     if header is None:
         raise _Malformed("no ELF header")
+    end = os.fstat(f.fileno()).st_size
     order = "<" if header.little_endian else ">"
     wide = header.elf_class == 64
     if wide:
@@ -188,10 +195,11 @@ def _read_dynamic(f: BinaryIO) -> Dynamic:
         phdr, dyn = order + "IIIIIIII", order + "iI"
     if phnum == PN_XNUM:
         # The real count lives in sh_info of section header 0.
-        phnum = struct.unpack(order + "I", _read_at(f, shoff + (44 if wide else 28), 4))[0]
+        phnum = struct.unpack(order + "I", _read_at(f, end, shoff + (44 if wide else 28), 4,
+                                                  "section header 0"))[0]
     if phentsize < struct.calcsize(phdr) and phnum:
-        raise _Malformed(f"program header size {phentsize}")
-    table = _read_at(f, phoff, phentsize * phnum)
+        raise _Malformed(f"e_phentsize {phentsize} is smaller than a program header")
+    table = _read_at(f, end, phoff, phentsize * phnum, "the program headers")
     loads: list[tuple[int, int, int]] = []
     interp = dynamic = None
     for i in range(phnum):
@@ -203,9 +211,9 @@ def _read_dynamic(f: BinaryIO) -> Dynamic:
         if p_type == PT_LOAD:
             loads.append((p_vaddr, p_offset, p_filesz))
         elif p_type == PT_INTERP and interp is None:
-            interp = _string(_read_at(f, p_offset, p_filesz), 0)
+            interp = _string(_read_at(f, end, p_offset, p_filesz, "PT_INTERP"), 0)
         elif p_type == PT_DYNAMIC and dynamic is None:
-            dynamic = _read_at(f, p_offset, p_filesz)
+            dynamic = _read_at(f, end, p_offset, p_filesz, "PT_DYNAMIC")
     tags: list[tuple[int, int]] = []
     for offset in range(0, len(dynamic or b"") - struct.calcsize(dyn) + 1, struct.calcsize(dyn)):
         tag, value = struct.unpack_from(dyn, dynamic or b"", offset)
@@ -215,7 +223,8 @@ def _read_dynamic(f: BinaryIO) -> Dynamic:
     values = dict(tags)
     strings = b""
     if DT_STRTAB in values:
-        strings = _read_at(f, _file_offset(loads, values[DT_STRTAB]), values.get(DT_STRSZ, 0))
+        strings = _read_at(f, end, _file_offset(loads, values[DT_STRTAB]),
+                           values.get(DT_STRSZ, 0), "DT_STRTAB")
 
     def text(tag: int) -> str | None:
         return _string(strings, values[tag]) if tag in values else None
@@ -229,13 +238,14 @@ def _read_dynamic(f: BinaryIO) -> Dynamic:
                    bool(flags_1 & DF_1_NODEFLIB), bool(flags_1 & DF_1_PIE))
 
 
-def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
-    if size > 1 << 28:
-        raise _Malformed(f"a table of {size} bytes")
+def _read_at(f: BinaryIO, end: int, offset: int, size: int, what: str) -> bytes:
+    """Read `what` from the file of `end` bytes, refusing one that lies outside the file."""
+    if offset > end or size > end - offset:
+        raise _Malformed(f"{what} beyond the end of the file")
     f.seek(offset)
     data = f.read(size)
     if len(data) != size:
-        raise _Malformed(f"truncated at offset {offset}")
+        raise _Malformed(f"{what} beyond the end of the file")
     return data
 
 
@@ -243,7 +253,7 @@ def _file_offset(loads: list[tuple[int, int, int]], address: int) -> int:
     for vaddr, offset, filesz in loads:
         if vaddr <= address < vaddr + filesz:
             return address - vaddr + offset
-    raise _Malformed(f"address {address:#x} is in no loaded segment")
+    raise _Malformed(f"DT_STRTAB address {address:#x} is in no loaded segment")
 
 
 def _string(table: bytes, offset: int) -> str:
@@ -264,7 +274,7 @@ def abi_note(path: str) -> str | None:
                     if note["n_type"] == "NT_GNU_ABI_TAG":
                         desc = note["n_desc"]
                         return f"{desc['abi_major']}.{desc['abi_minor']}.{desc['abi_tiny']}"
-    except (ELFError, OSError, ValueError, struct.error):
+    except PARSE_ERRORS:
         return None
     return None
 
@@ -282,7 +292,7 @@ def glibc_version(path: str) -> str | None:
                         name = aux.name
                         if name.startswith("GLIBC_") and name[6:].replace(".", "").isdigit():
                             best = max(best, tuple(int(p) for p in name[6:].split(".")))
-    except (ELFError, OSError, ValueError, struct.error):
+    except PARSE_ERRORS:
         return None
     return ".".join(map(str, best)) if best else None
 
@@ -296,7 +306,7 @@ def dynstr_names(path: str) -> set[bytes]:
         with open(path, "rb") as f:
             section = ELFFile(f).get_section_by_name(".dynstr")
             data = section.data() if section is not None else b""
-    except (ELFError, OSError, ValueError, struct.error):
+    except PARSE_ERRORS:
         return set()
     return set(data.split(b"\0"))
 
@@ -311,7 +321,7 @@ def dlopen_notes(path: str) -> list[bytes]:
             for section in elf.iter_sections():
                 if section.name == ".note.dlopen":
                     texts += _fdo_notes(section.data(), order)
-    except (ELFError, OSError, ValueError, struct.error):
+    except PARSE_ERRORS:
         return []
     return texts
 

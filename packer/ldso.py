@@ -5,18 +5,27 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from . import ldcache
-from .elf import MACHINES, read_header
+from .elf import ET_DYN, MACHINES, Header, read_dynamic, read_header
 from .errors import PackError
 
 logger = logging.getLogger(__name__)
 
 HOST_CACHE = "/etc/ld.so.cache"
 MUSL_DEFAULT_PATH = ("/lib", "/usr/local/lib", "/usr/lib")
+# The glibc loaders' ABI paths (PT_INTERP) by ELF class and machine: where the host's own
+# system loader is looked for when a program names one rpack does not trust to run.
+SYSTEM_LOADERS = {
+    (64, 62): "/lib64/ld-linux-x86-64.so.2", (32, 3): "/lib/ld-linux.so.2",
+    (64, 183): "/lib/ld-linux-aarch64.so.1", (32, 40): "/lib/ld-linux-armhf.so.3",
+    (64, 21): "/lib64/ld64.so.2", (64, 22): "/lib/ld64.so.1",
+    (64, 243): "/lib/ld-linux-riscv64-lp64d.so.1",
+}
 
 
 @dataclass(frozen=True)
@@ -56,13 +65,82 @@ def probe(interp: str) -> LoaderModel:
     header = read_header(interp)
     if re.match(r"ld-musl-", os.path.basename(interp)):
         return _probe_musl(interp, header.elf_class, header.machine)
-    return _probe_glibc(interp, header.elf_class, header.machine)
+    doubt = distrust(interp) or _not_a_loader(interp)
+    if doubt is None:
+        return _probe_glibc(interp, header.elf_class, header.machine)
+    system = SYSTEM_LOADERS.get((header.elf_class, header.machine))
+    if system is not None and os.path.exists(system) and distrust(system) is None \
+            and _same_abi(read_header(system), header):
+        logger.warning("not running the program's interpreter %r to probe it (%s); assuming "
+                       "it searches as the host's loader %s does", interp, doubt, system)
+        return replace(probe(system), interp=interp)
+    logger.warning("not running the program's interpreter %r to probe it (%s), and this host "
+                   "has no trusted loader for it; assuming glibc's built-in defaults",
+                   interp, doubt)
+    return _glibc_defaults(interp, header.elf_class, header.machine)
+
+
+def _same_abi(a: Header, b: Header) -> bool:
+    return (a.elf_class, a.machine, a.little_endian) == (b.elf_class, b.machine, b.little_endian)
+
+
+def _not_a_loader(path: str) -> str | None:
+    """Why the file at `path` cannot be a dynamic loader, whose options are then unknown."""
+    dynamic = read_dynamic(path)
+    if dynamic.header.e_type != ET_DYN or dynamic.interp is not None:
+        return "it is not a dynamic loader: a loader is a shared object without PT_INTERP"
+    return None
+
+
+def distrust(path: str) -> str | None:
+    """Why rpack must not execute the file at `path`, or None if it may.
+
+    A file is trusted when its real path and every directory above it belong to root and are
+    writable by neither group nor others: no one but root can have put or changed it there
+    (the rule sudo and sshd apply to the files they run or read).
+    """
+    real = os.path.realpath(path)
+    current = real
+    while True:
+        try:
+            st = os.stat(current)
+        except OSError as e:
+            return f"cannot examine {current}: {e.strerror}"
+        what = "it" if current == real else current
+        if st.st_uid != 0:
+            return f"{what} is not owned by root"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{what} is writable by users other than root"
+        if current == "/":
+            return None
+        current = os.path.dirname(current)
+
+
+def _glibc_defaults(interp: str, elf_class: int, machine: int) -> LoaderModel:
+    # glibc's compiled-in search path without a distribution's multiarch directories.
+    lib = "lib64" if elf_class == 64 else "lib"
+    return LoaderModel(interp=interp, libc="glibc", elf_class=elf_class, machine=machine,
+                       system_dirs=(f"/{lib}", f"/usr/{lib}"), lib=lib, cache=_host_cache(),
+                       cache_flags=ldcache.required_flags(MACHINES.get(machine, ""), elf_class))
+
+
+def _host_cache() -> tuple[ldcache.CacheEntry, ...]:
+    try:
+        with open(HOST_CACHE, "rb") as f:
+            return tuple(ldcache.parse_cache(f.read()))
+    except FileNotFoundError:
+        logger.info("no %s on this host; libraries are found by directory search only",
+                    HOST_CACHE)
+    except (OSError, ldcache.LdCacheError) as e:
+        raise PackError(f"cannot read the host's {HOST_CACHE}: {e}") from None
+    return ()
 
 
 def _run_loader(interp: str, option: str) -> str:
     try:
-        done = subprocess.run([interp, option], capture_output=True, text=True, timeout=30,
-                              env={"LC_ALL": "C"}, check=False)
+        # The real path: the file whose trust was checked, whatever its symlinks point to now.
+        done = subprocess.run([os.path.realpath(interp), option], capture_output=True,
+                              text=True, timeout=30, env={"LC_ALL": "C"}, check=False)
     except OSError as e:
         raise PackError(f"cannot run the loader {interp!r} to probe it: {e.strerror}") from None
     return done.stdout
@@ -80,15 +158,7 @@ def _probe_glibc(interp: str, elf_class: int, machine: int) -> LoaderModel:
     subdirs = [s for s in diagnostics.get("dl_hwcaps_subdirs", "").split(":") if s]
     active_mask = int(diagnostics.get("dl_hwcaps_subdirs_active", "0"), 0)
     hwcaps = tuple(s for i, s in enumerate(subdirs) if active_mask & (1 << i))
-    entries: tuple[ldcache.CacheEntry, ...] = ()
-    try:
-        with open(HOST_CACHE, "rb") as f:
-            entries = tuple(ldcache.parse_cache(f.read()))
-    except FileNotFoundError:
-        logger.info("no %s on this host; libraries are found by directory search only",
-                    HOST_CACHE)
-    except (OSError, ldcache.LdCacheError) as e:
-        raise PackError(f"cannot read the host's {HOST_CACHE}: {e}") from None
+    entries = _host_cache()
     model = LoaderModel(
         interp=interp, libc="glibc", elf_class=elf_class, machine=machine,
         system_dirs=system_dirs, lib=diagnostics["dl_dst_lib"],

@@ -13,7 +13,7 @@ from unpacker.format import DEFAULT_PATH, FORMAT
 from . import ldcache, runtime, script
 from .archive import hash_sources, manifest_entries, write_archive
 from .elf import ET_DYN, ET_EXEC, Verdict, abi_note, check_candidate, glibc_version, parse_header
-from .errors import PackError
+from .errors import MissingLibraries, PackError
 from .ldso import LoaderModel
 from .plan import Member, Plan
 from .resolve import LoadedObject, Missing, Resolution, Resolver
@@ -115,6 +115,8 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
             raise PackError(f"{added!r}: no such file or directory (given to --add)")
         for member in plan.add_tree(path, "added"):
             note("/" + member, "/" + member, "added", f"under {path} (--add)")
+            if plan.members[member].type == "symlink":
+                continue
             module = _elf_module(resolver, "/" + member, resolutions)
             if module is not None:
                 resolutions.append(module)
@@ -124,7 +126,6 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
     missing = _missing(resolutions, module_count=len(resolutions) - starts)
     for dropped in sorted({d for r in resolutions for d in r.dropped}):
         logger.warning("DT_NEEDED %s is skipped by the loader: $ORIGIN is unknown", dropped)
-    _check_missing(missing, options.allow_missing)
     resolutions += loaded_later
     _check_defaults(plan, options, programs)
     model = next((r.model for r in resolutions if r.model is not None), None)
@@ -136,8 +137,15 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
         _musl_path_file(plan, model, note)
     for directory, mode in (("proc", 0o555), ("dev", 0o755), ("tmp", 0o1777)):
         plan.add_generated_dir(directory, "generated", mode)
-    return Collection(programs, resolutions, plan, list(items.values()), missing, model,
-                      trace=traced)
+    if not plan.resolves(options.workdir, directory=True):
+        raise PackError(f"--workdir {options.workdir!r} is not a directory in the archive",
+                        hint="name a directory the archive holds, or add it with --add")
+    if options.excludes:
+        _check_excludes(plan, resolutions[:starts])
+    collection = Collection(programs, resolutions, plan, list(items.values()), missing, model,
+                            trace=traced)
+    _check_missing(collection, options.allow_missing)
+    return collection
 
 
 def _place_resolution(plan: Plan, resolution: Resolution, note: Any) -> None:
@@ -190,6 +198,8 @@ def _place_runtime(plan: Plan, resolver: Resolver, resolutions: list[Resolution]
     for tree in extra.trees:
         for member in plan.add_tree(tree.path, "runtime"):
             note("/" + member, "/" + member, "runtime", tree.why)
+            if plan.members[member].type == "symlink":
+                continue
             elf = _elf_module(resolver, "/" + member, resolutions)
             if elf is not None:
                 loaded.append(elf)
@@ -294,17 +304,38 @@ def _missing(resolutions: list[Resolution], module_count: int) -> list[Missing]:
 def _check_defaults(plan: Plan, options: Options, programs: list[str]) -> None:
     if not options.workdir.startswith("/"):
         raise PackError(f"--workdir {options.workdir!r} is not an absolute path")
-    entrypoint = options.entrypoint
-    if entrypoint is not None and entrypoint not in programs and not plan.resolves(entrypoint):
-        raise PackError(f"--entrypoint {entrypoint!r} is not in the archive",
-                        hint="name a packed program, or add it as a PROGRAM")
+    entrypoint = options.entrypoint or programs[0]
+    if plan.resolves(entrypoint):
+        return
+    if entrypoint in programs:
+        raise PackError(f"--exclude leaves out the entrypoint {entrypoint}",
+                        hint="exclude less, or name another packed program with --entrypoint")
+    raise PackError(f"--entrypoint {entrypoint!r} is not in the archive",
+                    hint="name a packed program, or add it as a PROGRAM")
 
 
-def _check_missing(missing: list[Missing], allow: bool) -> None:
-    for m in missing:
+def _check_excludes(plan: Plan, resolutions: list[Resolution]) -> None:
+    """Warn about every object the loader maps at start-up that an --exclude left out."""
+    warned = set()
+    for resolution in resolutions:
+        needs = [(resolution.interp, "the loader of")] if resolution.interp else []
+        needs += [(obj, "needed at start-up by") for obj in resolution.libraries]
+        for obj, role in needs:
+            path = _absolute(obj.name)
+            if path in warned or plan.resolves(path):
+                continue
+            warned.add(path)
+            needed_by = obj.loader.name if obj.loader else resolution.program
+            logger.warning("--exclude leaves out %s, %s %s, which will not start from the "
+                           "archive without it", obj.name, role, needed_by)
+
+
+def _check_missing(collection: Collection, allow: bool) -> None:
+    for m in collection.missing:
         message = f"library {m.name!r} needed by {m.needed_by} cannot be found"
         if not allow:
-            raise PackError(message, hint="install it, or pass --allow-missing to pack anyway")
+            raise MissingLibraries(message, "install it, or pass --allow-missing to pack anyway",
+                                   collection.report())
         logger.warning("%s; packing without it (--allow-missing)", message)
 
 

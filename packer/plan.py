@@ -105,64 +105,62 @@ class Plan:
                 raise PackError(f"'/{member}' is not a directory")
         return real
 
-    def add_tree(self, path: str, origin: str, visited: set[str] | None = None) -> list[str]:
-        """Place a file or a whole tree; file symlinks are dereferenced, directory links kept.
+    def add_tree(self, path: str, origin: str) -> list[str]:
+        """Place a file or a whole tree as `tar c` does: a symlink inside the tree is stored
+        with its own target and never followed. `path` itself is followed, each symlink hop
+        kept with the host's target, as for a program.
 
-        Returns the members of the regular files placed, for the caller to examine.
+        Returns the members of the regular files and symlinks placed, the symlinks on the
+        way to `path` first.
         """
-        visited = set() if visited is None else visited
-        st = _lstat(path)
-        if not stat.S_ISDIR(os.stat(path).st_mode):
+        known = len(self.members)
+        if not stat.S_ISDIR(_stat(path).st_mode):
+            st = _lstat(path)
             if not stat.S_ISLNK(st.st_mode) and not stat.S_ISREG(st.st_mode):
                 raise PackError(f"{path!r} is not a regular file or a directory")
             member = self.add_program(path, origin)
-            return [member] if member else []
+            return self._new_symlinks(known) + ([member] if member else [])
         top = self.directory(path, origin)
-        if top in visited:
-            return []
-        visited.add(top)
-        files = []
+        placed = self._new_symlinks(known)
         for parent, dirs, names in os.walk("/" + top, onerror=_walk_error):
             real_parent = parent[1:]
             if self.excluded(real_parent):
                 dirs[:] = []
                 continue
             self._dir(real_parent, _lstat(parent), origin)
-            for name in sorted(dirs):
-                host = os.path.join(parent, name)
-                if os.path.islink(host):
-                    # A directory link keeps its target, whose tree is packed as well.
-                    self.directory(os.path.join(real_parent, name), origin)
-                    files += self.add_tree(host, origin, visited)
-            for name in sorted(names):
+            # os.walk lists a symlink to a directory among `dirs` and does not descend into it.
+            for name in sorted(dirs + names):
                 member = _join(real_parent, name)
                 host = "/" + member
                 if self.excluded(member):
                     continue
                 lst = _lstat(host)
                 if stat.S_ISLNK(lst.st_mode):
-                    if not os.path.exists(host):
-                        self._symlink(member, os.readlink(host), lst, origin)
-                        continue
-                    if os.path.isdir(host):
-                        continue
-                    source = os.path.realpath(host)
+                    self._symlink(member, os.readlink(host), lst, origin)
                 elif stat.S_ISREG(lst.st_mode):
-                    source = host
+                    self._file(member, host, origin)
+                elif stat.S_ISDIR(lst.st_mode):
+                    continue
                 else:
                     logger.warning("%s: not a regular file, left out", host)
                     continue
-                self._file(member, source, origin)
-                files.append(member)
-        return files
+                placed.append(member)
+        return placed
 
-    def resolves(self, path: str) -> bool:
-        """Whether `path` leads to a file of the planned root, following its symlinks."""
+    def _new_symlinks(self, known: int) -> list[str]:
+        """The symlink members placed since the plan held `known` members."""
+        return [m for m in list(self.members)[known:] if self.members[m].type == "symlink"]
+
+    def resolves(self, path: str, directory: bool = False) -> bool:
+        """Whether `path` leads to a file (or a directory) of the planned root, following its
+        symlinks."""
         pending = path.split("/")
         current = ""
         for _ in range(MAX_HOPS * 64):
             if not pending:
                 member = self.members.get(current)
+                if directory:
+                    return current == "" or (member is not None and member.type == "dir")
                 return member is not None and member.type in ("file", "hardlink")
             component = pending.pop(0)
             if component in ("", "."):
@@ -265,6 +263,13 @@ def _walk_error(error: OSError) -> None:
 
 def _join(directory: str, name: str) -> str:
     return f"{directory}/{name}" if directory else name
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as e:
+        raise PackError(f"cannot read {path!r}: {e.strerror}") from None
 
 
 def _lstat(path: str) -> os.stat_result:

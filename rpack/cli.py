@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     resolve = _Parser(add_help=False)
     resolve.add_argument("--add", action="append", default=[], metavar="PATH",
-                         help="also pack a file or a tree; ELF files in it get their libraries")
+                         help="also pack a file or a tree (symlinks in it kept, not followed); "
+                         "ELF files in it get their libraries")
     resolve.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                          help="leave out paths matching GLOB")
     resolve.add_argument("--env", action="append", default=[], type=_key_value,
@@ -323,10 +324,17 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_deps(args: argparse.Namespace) -> int:
+    from packer.errors import MissingLibraries
     from packer.pack import collect
 
-    collection = collect(_options(args))
-    report = collection.report()
+    try:
+        report = collect(_options(args)).report()
+    except MissingLibraries as e:
+        if args.json:
+            # The whole object all the same, `missing` filled in; the exit status still fails.
+            json.dump(e.report, sys.stdout, indent=1)
+            print()
+        raise
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()

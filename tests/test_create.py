@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import RPACK, rpack, rpack_env
+from conftest import RPACK, error_lines, rpack, rpack_env
 
 
 def members(archive: Path) -> list[tarfile.TarInfo]:
@@ -164,6 +165,11 @@ def test_missing_library_fails_naming_it_and_leaves_nothing(tmp_path: Path) -> N
     assert list(out.parent.iterdir()) == []
     deps = rpack("deps", "--json", str(tmp_path / "prog"))
     assert deps.returncode == 1 and "libgone.so.1" in deps.stderr
+    assert error_lines(deps.stderr) == [lines[0]]
+    failed = json.loads(deps.stdout)
+    assert set(failed) == {"programs", "interpreter", "files", "missing"}
+    assert failed["missing"] == [{"name": "libgone.so.1", "needed_by": str(tmp_path / "prog")}]
+    assert any(f["path"].endswith("/libc.so.6") for f in failed["files"])
     allowed = rpack("deps", "--json", "--allow-missing", str(tmp_path / "prog"))
     assert allowed.returncode == 0
     report = json.loads(allowed.stdout)
@@ -283,11 +289,37 @@ def test_names_the_reader_would_refuse_are_refused_at_create(tmp_path: Path,
 @pytest.mark.parametrize(("option", "message"), [
     (["--entrypoint", "/not/packed"], "not in the archive"),
     (["--workdir", "relative"], "not an absolute path"),
+    (["--workdir", "/nonexistent"], "--workdir '/nonexistent' is not a directory in the archive"),
+    (["--workdir", "/bin/sh"], "--workdir '/bin/sh' is not a directory in the archive"),
+    (["--exclude", "*"], "--exclude leaves out the entrypoint /bin/sh"),
+    (["--exclude", "/usr/bin/d*", "--entrypoint", "/bin/dash"],
+     "--exclude leaves out the entrypoint /bin/dash"),
 ])
 def test_defaults_that_could_not_run_are_refused(tmp_path: Path, option: list[str],
                                                  message: str) -> None:
-    done = rpack("create", *option, str(tmp_path / "x.tar.zst"), "/bin/sh")
+    done = rpack("create", *option, str(tmp_path / "x.tar.zst"), "/bin/sh", "/bin/dash")
     assert done.returncode == 1 and message in done.stderr
+    assert len(error_lines(done.stderr)) == 1 and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("workdir", ["/", "/tmp", "/usr/bin", "/bin"])
+def test_a_workdir_the_root_holds_is_accepted(tmp_path: Path, workdir: str) -> None:
+    done = rpack("create", "--workdir", workdir, str(tmp_path / "x.tar.zst"), "/bin/sh")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(("glob", "left_out", "role"), [
+    ("/lib64/ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2", "the loader of /bin/sh"),
+    ("*/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6", "needed at start-up by /bin/sh"),
+])
+def test_excluding_what_the_loader_maps_at_start_up_is_warned(tmp_path: Path, glob: str,
+                                                              left_out: str, role: str) -> None:
+    done = rpack("create", "--exclude", glob, str(tmp_path / "x.tar.zst"), "/bin/sh")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("rpack: warning:")]
+    assert len(warnings) == 1
+    assert f"--exclude leaves out {left_out}, {role}" in warnings[0]
 
 
 @pytest.mark.parametrize("epoch", ["abc", "-5", "99999999999999999999"])
@@ -340,3 +372,118 @@ def test_library_path_given_with_env_works_without_it(tmp_path: Path) -> None:
     done = subprocess.run(["chroot", str(root), str(tmp_path / "prog")], capture_output=True,
                           text=True, env={"PATH": "/usr/sbin:/usr/bin"})
     assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def evil_interp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A program whose PT_INTERP is a static program in /tmp that leaves a marker when run."""
+    where = tmp_path_factory.mktemp("evil")
+    marker = where / "marker"
+    (where / "evilld.c").write_text(
+        '#include <stdio.h>\nint main(void) {\n'
+        f'  FILE *f = fopen("{marker}", "a"); if (f) {{ fputs("ran\\n", f); fclose(f); }}\n'
+        '  return 0;\n}\n')
+    (where / "hello.c").write_text('int main(void) { return 0; }\n')
+    subprocess.run(["gcc", "-static", "-o", str(where / "evilld"), str(where / "evilld.c")],
+                   check=True)
+    subprocess.run(["gcc", "-o", str(where / "evil2"), str(where / "hello.c"),
+                    f"-Wl,--dynamic-linker={where / 'evilld'}"], check=True)
+    return where / "evil2", marker
+
+
+def test_an_untrusted_interpreter_is_never_run(evil_interp: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    program, marker = evil_interp
+    deps = rpack("deps", "--json", str(program))
+    assert not marker.exists()
+    assert deps.returncode == 0, deps.stderr
+    warning = [line for line in deps.stderr.splitlines() if line.startswith("rpack: warning:")]
+    assert len(warning) == 1 and f"{program.parent / 'evilld'}" in warning[0]
+    assert "writable" in warning[0] or "not owned by root" in warning[0]
+    report = json.loads(deps.stdout)
+    assert report["interpreter"] == str(program.parent / "evilld")
+    # The host's trusted loader stood in for the model: libc is found as it would be.
+    assert any(f["path"].endswith("/libc.so.6") for f in report["files"])
+    out = tmp_path / "evil.tar.zst"
+    done = rpack("create", str(out), str(program))
+    assert not marker.exists()
+    assert done.returncode == 0, done.stderr
+    assert out.exists()
+
+
+def test_a_root_owned_program_as_interpreter_is_not_run(tmp_path: Path) -> None:
+    (tmp_path / "hello.c").write_text("int main(void) { return 0; }\n")
+    subprocess.run(["gcc", "-o", str(tmp_path / "prog"), str(tmp_path / "hello.c"),
+                    "-Wl,--dynamic-linker=/usr/bin/true"], check=True)
+    deps = rpack("deps", str(tmp_path / "prog"))
+    assert deps.returncode == 0, deps.stderr
+    assert "'/usr/bin/true'" in deps.stderr and "it is not a dynamic loader" in deps.stderr
+
+
+def _output_fd(pid: int, directory: Path) -> Path | None:
+    """The descriptor through which process `pid` writes into `directory`, once it has data."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            if target.startswith(f"{directory}/") and fd.stat().st_size > 0:
+                return fd
+        except OSError:
+            continue
+    return None
+
+
+def test_a_killed_create_leaves_nothing_behind(tmp_path: Path) -> None:
+    big = tmp_path / "in" / "big"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(1 << 20))
+    out = tmp_path / "out"
+    out.mkdir()
+    # Level 19 on random data is slow enough to be caught with output half-written.
+    proc = subprocess.Popen([*RPACK, "create", "-l", "19", "-T", "1", "--add", str(big),
+                             str(out / "big.tar.zst"), "/bin/sh"],
+                            env=rpack_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and _output_fd(proc.pid, out) is None:
+            time.sleep(0.01)
+        assert proc.poll() is None, "create finished before it could be killed"
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -9
+    assert list(out.iterdir()) == []
+
+
+def test_symlinks_in_an_added_tree_are_kept_not_followed(tmp_path: Path) -> None:
+    tree = tmp_path / "p"
+    (tree / "src").mkdir(parents=True)
+    (tree / "src" / "a").write_text("a\n")
+    (tree / "src" / "ls").write_bytes(Path("/usr/bin/ls").read_bytes())
+    links = {"conf": "../" * 12 + "etc", "root": "/", "alink": "src/a", "host": "/etc/hostname",
+             "dirlink": "src", "bin": "/usr/bin"}
+    for name, target in links.items():
+        (tree / name).symlink_to(target)
+    (tmp_path / "plink").symlink_to("p")
+    deps = rpack("deps", "--json", "--add", str(tmp_path / "plink"), "/bin/sh")
+    assert deps.returncode == 0, deps.stderr
+    files = {f["path"]: f for f in json.loads(deps.stdout)["files"]}
+    for name in links:
+        assert files[str(tree / name)]["kind"] == "added"
+    assert files[str(tmp_path / "plink")]["kind"] == "added"
+    assert files[str(tree / "src" / "ls")]["kind"] == "added"
+    # The ELF file of the tree still gets its libraries; nothing is packed through a link.
+    assert any("libselinux.so" in path for path in files)
+    assert not any(p.startswith(("/etc/shadow", "/proc", "/usr/bin/ls")) for p in files)
+    out = tmp_path / "p.tar.zst"
+    done = rpack("create", "--add", str(tmp_path / "plink"), str(out), "/bin/sh")
+    assert done.returncode == 0, done.stderr
+    by_name = {m.name: m for m in members(out)}
+    inside = str(tree).lstrip("/")
+    for name, target in links.items():
+        member = by_name[f"{inside}/{name}"]
+        assert member.issym() and member.linkname == target
+    assert by_name[str(tmp_path / "plink").lstrip("/")].linkname == "p"
+    assert by_name[f"{inside}/src/a"].isfile()
+    assert "etc/shadow" not in by_name and "usr/bin/ls" not in by_name
