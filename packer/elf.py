@@ -177,7 +177,35 @@ class _Malformed(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class _Image:
+    """The parts of an ELF file that the loader reads: header, PT_INTERP, dynamic tags, and
+    the dynamic string table (DT_STRTAB, which is .dynstr)."""
+
+    header: Header
+    interp: str | None
+    tags: list[tuple[int, int]]
+    strings: bytes
+
+
 def _read_dynamic(f: BinaryIO) -> Dynamic:
+    image = _read_image(f)
+    values = dict(image.tags)
+
+    def text(tag: int) -> str | None:
+        return _string(image.strings, values[tag]) if tag in values else None
+
+    needed = tuple(_string(image.strings, value) for tag, value in image.tags
+                   if tag == DT_NEEDED)
+    runpath = text(DT_RUNPATH)
+    flags_1 = values.get(DT_FLAGS_1, 0)
+    # glibc drops DT_RPATH of an object that also has DT_RUNPATH (get-dynamic-info.h).
+    rpath = None if runpath is not None else text(DT_RPATH)
+    return Dynamic(image.header, image.interp, needed, text(DT_SONAME), rpath, runpath,
+                   bool(flags_1 & DF_1_NODEFLIB), bool(flags_1 & DF_1_PIE))
+
+
+def _read_image(f: BinaryIO) -> _Image:
     ident = f.read(64)
     header = parse_header(ident)
     if header is None:
@@ -225,17 +253,7 @@ def _read_dynamic(f: BinaryIO) -> Dynamic:
     if DT_STRTAB in values:
         strings = _read_at(f, end, _file_offset(loads, values[DT_STRTAB]),
                            values.get(DT_STRSZ, 0), "DT_STRTAB")
-
-    def text(tag: int) -> str | None:
-        return _string(strings, values[tag]) if tag in values else None
-
-    needed = tuple(_string(strings, value) for tag, value in tags if tag == DT_NEEDED)
-    runpath = text(DT_RUNPATH)
-    flags_1 = values.get(DT_FLAGS_1, 0)
-    # glibc drops DT_RPATH of an object that also has DT_RUNPATH (get-dynamic-info.h).
-    rpath = None if runpath is not None else text(DT_RPATH)
-    return Dynamic(header, interp, needed, text(DT_SONAME), rpath, runpath,
-                   bool(flags_1 & DF_1_NODEFLIB), bool(flags_1 & DF_1_PIE))
+    return _Image(header, interp, tags, strings)
 
 
 def _read_at(f: BinaryIO, end: int, offset: int, size: int, what: str) -> bytes:
@@ -304,11 +322,10 @@ def dynstr_names(path: str) -> set[bytes]:
     """Every name in the object's dynamic string table (.dynstr): a cheap test of imports."""
     try:
         with open(path, "rb") as f:
-            section = ELFFile(f).get_section_by_name(".dynstr")
-            data = section.data() if section is not None else b""
-    except PARSE_ERRORS:
+            strings = _read_image(f).strings
+    except (OSError, _Malformed, struct.error):
         return set()
-    return set(data.split(b"\0"))
+    return set(strings.split(b"\0")) if strings else set()
 
 
 def dlopen_notes(path: str) -> list[bytes]:
@@ -316,14 +333,56 @@ def dlopen_notes(path: str) -> list[bytes]:
     texts = []
     try:
         with open(path, "rb") as f:
-            elf = ELFFile(f)
-            order = "<" if elf.little_endian else ">"
-            for section in elf.iter_sections():
-                if section.name == ".note.dlopen":
-                    texts += _fdo_notes(section.data(), order)
-    except PARSE_ERRORS:
+            header = parse_header(f.read(64))
+            if header is None:
+                return []
+            order = "<" if header.little_endian else ">"
+            for data in _sections(f, header, b".note.dlopen"):
+                texts += _fdo_notes(data, order)
+    except (OSError, _Malformed, struct.error):
         return []
     return texts
+
+
+SHN_XINDEX, SHT_NOBITS = 0xFFFF, 8
+
+
+def _sections(f: BinaryIO, header: Header, wanted: bytes) -> list[bytes]:
+    """The contents of each section named `wanted`, found through the section headers."""
+    end = os.fstat(f.fileno()).st_size
+    order = "<" if header.little_endian else ">"
+    ident = _read_at(f, end, 0, 64 if header.elf_class == 64 else 52, "the ELF header")
+    if header.elf_class == 64:
+        shoff, = struct.unpack_from(order + "Q", ident, 40)
+        shentsize, shnum, shstrndx = struct.unpack_from(order + "HHH", ident, 58)
+        shdr = order + "IIQQQQIIQQ"
+    else:
+        shoff, = struct.unpack_from(order + "I", ident, 32)
+        shentsize, shnum, shstrndx = struct.unpack_from(order + "HHH", ident, 46)
+        shdr = order + "IIIIIIIIII"
+    if shoff == 0 or shentsize < struct.calcsize(shdr):
+        return []
+    if shnum == 0 or shstrndx == SHN_XINDEX:
+        # Larger counts and indexes live in section header 0: sh_size and sh_link.
+        first = struct.unpack_from(shdr, _read_at(f, end, shoff, shentsize, "section header 0"))
+        shnum = shnum or first[5]
+        shstrndx = first[6] if shstrndx == SHN_XINDEX else shstrndx
+    table = _read_at(f, end, shoff, shnum * shentsize, "the section headers")
+    # sh_name, sh_type, sh_offset, sh_size of each section
+    sections = [(fields[0], fields[1], fields[4], fields[5])
+                for fields in (struct.unpack_from(shdr, table, i * shentsize)
+                               for i in range(shnum))]
+    if shstrndx >= shnum:
+        return []
+    _, _, names_at, names_size = sections[shstrndx]
+    names = _read_at(f, end, names_at, names_size, "the section names")
+    found = []
+    for name_at, kind, offset, size in sections:
+        stop = names.find(b"\0", name_at)
+        name = names[name_at:stop] if 0 <= name_at < len(names) and stop >= 0 else b""
+        if name == wanted and kind != SHT_NOBITS:
+            found.append(_read_at(f, end, offset, size, "a section"))
+    return found
 
 
 def _fdo_notes(data: bytes, order: str) -> list[bytes]:
