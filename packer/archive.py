@@ -11,7 +11,9 @@ import os
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import zstandard
@@ -26,35 +28,57 @@ _TYPES = {"dir": tarfile.DIRTYPE, "file": tarfile.REGTYPE, "symlink": tarfile.SY
           "hardlink": tarfile.LNKTYPE}
 
 
-def hash_sources(members: list[Member]) -> dict[str, str]:
-    """The sha256 of every file member, which the manifest lists before the data follows."""
-    digests = {}
-    for m in members:
-        if m.type != "file":
-            continue
-        if m.data is not None:
-            digests[m.path] = hashlib.sha256(m.data).hexdigest()
-            continue
-        assert m.source is not None
-        digest = hashlib.sha256()
-        try:
-            with open(m.source, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    digest.update(chunk)
-        except OSError as e:
-            raise PackError(f"cannot read {m.source!r}: {e.strerror}") from None
-        digests[m.path] = digest.hexdigest()
-    return digests
+@dataclass(frozen=True)
+class Hashed:
+    """A file member's sha256, and for a host file its stamp (`stamp`) when it was hashed."""
+
+    sha256: str
+    stamp: tuple[int, ...] | None
 
 
-def manifest_entries(members: list[Member], digests: dict[str, str]) -> list[dict[str, Any]]:
+def stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What any change to a file changes, as GNU tar checks it: its inode, size and times."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def hash_sources(members: list[Member],
+                 progress: Callable[[int], object] | None = None) -> dict[str, Hashed]:
+    """The sha256 of every file member, which the manifest lists before the data follows;
+    `progress` is told how many bytes each chunk read has. One thread per core: reading and
+    hashing both run outside the GIL."""
+    files = [m for m in members if m.type == "file"]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        hashed = list(pool.map(lambda m: _hash(m, progress), files))
+    return {m.path: h for m, h in zip(files, hashed, strict=True)}
+
+
+def _hash(m: Member, progress: Callable[[int], object] | None) -> Hashed:
+    if m.data is not None:
+        return Hashed(hashlib.sha256(m.data).hexdigest(), None)
+    assert m.source is not None
+    digest = hashlib.sha256()
+    try:
+        with open(m.source, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_size != m.size:
+                raise PackError(f"{m.source!r} changed while it was being packed")
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+    except OSError as e:
+        raise PackError(f"cannot read {m.source!r}: {e.strerror}") from None
+    return Hashed(digest.hexdigest(), stamp(st))
+
+
+def manifest_entries(members: list[Member], digests: dict[str, Hashed]) -> list[dict[str, Any]]:
     entries = []
     for m in members:
         entry: dict[str, Any] = {"path": m.path, "type": m.type, "mode": m.mode,
                                  "origin": m.origin}
         if m.type == "file":
             entry["size"] = m.size
-            entry["sha256"] = digests[m.path]
+            entry["sha256"] = digests[m.path].sha256
         elif m.type in ("symlink", "hardlink"):
             entry["target"] = m.target
         entries.append(entry)
@@ -62,26 +86,29 @@ def manifest_entries(members: list[Member], digests: dict[str, str]) -> list[dic
 
 
 class TarWriter:
-    """Writes pax tar members straight to a sink, hashing the stream: the archive's identity.
+    """Writes pax tar members straight to a sink; with `identity`, hashes the stream too.
 
     tarfile's stream mode copies every block through its own buffer; writing the headers it
     builds (TarInfo.tobuf) and the data ourselves keeps large files to one copy per chunk.
+    `progress`, if given, is told the size of each chunk of member data written.
     """
 
-    def __init__(self, sink: BinaryIO) -> None:
+    def __init__(self, sink: BinaryIO, progress: Callable[[int], object] | None = None,
+                 identity: bool = False) -> None:
         self.sink = sink
-        self.digest = hashlib.sha256()
+        self.progress = progress
+        self.digest = hashlib.sha256() if identity else None
         self.size = 0
 
     def write(self, data: bytes | memoryview) -> None:
-        self.digest.update(data)
+        if self.digest is not None:
+            self.digest.update(data)
         self.sink.write(data)
         self.size += len(data)
 
-    def add(self, info: tarfile.TarInfo, data: BinaryIO | None = None) -> str:
-        """Write one member; return the sha256 of its data."""
+    def add(self, info: tarfile.TarInfo, data: BinaryIO | None = None) -> None:
+        """Write one member, its data read from `data`."""
         self.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        digest = hashlib.sha256()
         left = info.size
         while left > 0:
             assert data is not None
@@ -89,12 +116,12 @@ class TarWriter:
             if not chunk:
                 raise PackError(f"{getattr(data, 'name', info.name)!r} changed while it was "
                                 "being packed")
-            digest.update(chunk)
             self.write(chunk)
             left -= len(chunk)
+            if self.progress is not None:
+                self.progress(len(chunk))
         if info.size % tarfile.BLOCKSIZE:
             self.write(tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
-        return digest.hexdigest()
 
     def close(self) -> None:
         # Two zero blocks end the archive; the whole is padded to a record, as tar does.
@@ -116,19 +143,22 @@ def compressor(level: int = 3, threads: int = 0) -> zstandard.ZstdCompressor:
 
 
 def write_archive(out: BinaryIO, manifest: dict[str, Any], members: list[Member],
-                  digests: dict[str, str], mtime: int, level: int = 3,
-                  threads: int = 0) -> tuple[str, int]:
-    """Write the archive to `out`; return the identity (sha256 of the tar) and the tar's size."""
+                  digests: dict[str, Hashed], mtime: int, level: int = 3, threads: int = 0,
+                  progress: Callable[[int], object] | None = None,
+                  identity: bool = False) -> tuple[str | None, int]:
+    """Write the archive to `out`; return its identity (the sha256 of the tar, if `identity`
+    asks for it: a pass over every byte) and the tar's size. `progress` is told the size of
+    each chunk of file data written."""
     with compressor(level, threads).stream_writer(out, closefd=False,
                                                   write_size=CHUNK) as zstd_out:
-        tar = TarWriter(zstd_out)
+        tar = TarWriter(zstd_out, progress, identity)
         data = json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False).encode()
         tar.add(tarinfo(MANIFEST_PATH, tarfile.REGTYPE, 0o644, mtime, len(data)),
                 io.BytesIO(data))
         for m in members:
             _add(tar, m, digests)
         tar.close()
-    return tar.digest.hexdigest(), tar.size
+    return tar.digest.hexdigest() if tar.digest else None, tar.size
 
 
 def tarinfo(name: str, kind: bytes, mode: int, mtime: int, size: int = 0,
@@ -144,7 +174,7 @@ def tarinfo(name: str, kind: bytes, mode: int, mtime: int, size: int = 0,
     return info
 
 
-def _add(tar: TarWriter, m: Member, digests: dict[str, str]) -> None:
+def _add(tar: TarWriter, m: Member, digests: dict[str, Hashed]) -> None:
     assert m.mtime is not None
     info = tarinfo(m.path, _TYPES[m.type], m.mode, m.mtime, m.size, m.target)
     if m.type != "file":
@@ -155,10 +185,12 @@ def _add(tar: TarWriter, m: Member, digests: dict[str, str]) -> None:
         assert m.source is not None
         try:
             with open(m.source, "rb") as f:
-                digest = tar.add(info, f)
+                tar.add(info, f)
+                # The data just written is the data hashed if nothing changed the file since.
+                changed = stamp(os.fstat(f.fileno())) != digests[m.path].stamp
         except OSError as e:
             raise PackError(f"cannot read {m.source!r}: {e.strerror}") from None
-        if digest != digests[m.path]:
+        if changed:
             raise PackError(f"{m.source!r} changed while it was being packed")
 
 

@@ -11,18 +11,14 @@ import json
 import logging
 import os
 import re
-import stat
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol, cast
 
-from tqdm import tqdm
-from tqdm.utils import CallbackIOWrapper
-
 from unpacker.format import BASE_ENV
 from unpacker.limits import Limits
+from unpacker.progress import bar, counting, file_size
 from unpacker.stream import ArchiveReader
 
 from .archive import CHUNK, TarWriter, compressor, tarinfo
@@ -143,7 +139,7 @@ def export_oci(source: BinaryIO, out: BinaryIO, reference: str, *, compression: 
         layer = _write_layer(source, layer_file, compression, limits, quiet)
         config, manifest, index, docker = _documents(layer, reference)
         layer_file.seek(0)
-        with _bar(layer.size, quiet, "writing image") as bar:
+        with bar("writing image", layer.size, quiet) as progress:
             # The small files first, then the blobs, the layer last: every member's bytes and
             # metadata follow from the archive and the arguments alone.
             tar = TarWriter(out)
@@ -156,7 +152,7 @@ def export_oci(source: BinaryIO, out: BinaryIO, reference: str, *, compression: 
                 _add_bytes(tar, _blob_path(_sha256(data)), data, layer.mtime)
             tar.add(tarinfo(_blob_path(layer.digest), tarfile.REGTYPE, 0o644, layer.mtime,
                             layer.size),
-                    cast(BinaryIO, CallbackIOWrapper(bar.update, layer_file, "read")))
+                    counting(progress, layer_file))
             tar.close()
 
     manifest_digest = _sha256(manifest)
@@ -278,9 +274,9 @@ def _write_layer(source: BinaryIO, layer_file: BinaryIO, compression: str,
         raise ValueError(f"unknown compression {compression!r}")
 
     try:
-        with _bar(_file_size(source), quiet, "reading archive") as bar:
-            counted = cast(BinaryIO, CallbackIOWrapper(bar.update, source, "read"))
-            reader = ArchiveReader(counted, limits, check_platform=False, tar_sink=sink.write)
+        with bar("reading archive", file_size(source), quiet) as progress:
+            reader = ArchiveReader(counting(progress, source), limits, check_platform=False,
+                                   tar_sink=sink.write)
             mtime = 0
             for item in reader:
                 if item.entry is None:
@@ -299,21 +295,6 @@ def _write_layer(source: BinaryIO, layer_file: BinaryIO, compression: str,
     assert reader.manifest is not None and reader.identity is not None
     return Layer(reader.identity, blob.digest.hexdigest(), blob.size, LAYER_TYPES[compression],
                  reader.manifest.data, mtime)
-
-
-def _file_size(source: BinaryIO) -> int | None:
-    """The size of a regular file (for the progress bar's total); None for a pipe."""
-    try:
-        st = os.fstat(source.fileno())
-    except (OSError, ValueError, io.UnsupportedOperation):
-        return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
-
-
-def _bar(total: int | None, quiet: bool, what: str) -> Any:
-    # disable=None: no bar when standard error is not a terminal.
-    return tqdm(total=total, desc=what, file=sys.stderr, disable=True if quiet else None,
-                unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
 
 def _add_bytes(tar: TarWriter, name: str, data: bytes, mtime: int) -> None:

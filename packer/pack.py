@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from unpacker.format import DEFAULT_PATH, FORMAT
+from unpacker.progress import bar
 
 from . import ldcache, runtime, script
-from .archive import hash_sources, manifest_entries, write_archive
+from .archive import Hashed, hash_sources, manifest_entries, write_archive
 from .elf import ET_DYN, ET_EXEC, Verdict, abi_note, check_candidate, glibc_version, parse_header
 from .errors import MissingLibraries, PackError
 from .ldso import LoaderModel
@@ -415,7 +416,7 @@ def platform_of(collection: Collection) -> dict[str, Any]:
 
 
 def build_manifest(collection: Collection, options: Options, members: list[Member],
-                   digests: dict[str, str]) -> dict[str, Any]:
+                   digests: dict[str, Hashed]) -> dict[str, Any]:
     from rpack import __version__
 
     entrypoint = options.entrypoint or collection.programs[0]
@@ -442,20 +443,25 @@ def build_manifest(collection: Collection, options: Options, members: list[Membe
 
 @dataclass
 class Written:
-    identity: str
+    identity: str | None  # computed only when the log shows it
     tar_size: int
     members: int
 
 
-def create(options: Options, out: BinaryIO, level: int = 3, threads: int = 0) -> Written:
-    """Pack the programs of `options` into `out`."""
+def create(options: Options, out: BinaryIO, level: int = 3, threads: int = 0,
+           quiet: bool = False) -> Written:
+    """Pack the programs of `options` into `out`, with progress bars unless `quiet`."""
     collection = collect(options)
     epoch = source_date_epoch()
     members = collection.plan.finish(epoch)
     mtime = max((m.mtime for m in members if m.mtime is not None), default=0)
-    digests = hash_sources(members)
+    total = sum(m.size for m in members if m.type == "file")
+    with bar("hashing", total, quiet) as progress:
+        digests = hash_sources(members, progress.update)
     manifest = build_manifest(collection, options, members, digests)
-    identity, size = write_archive(out, manifest, members, digests, mtime, level, threads)
+    with bar("packing", total, quiet) as progress:
+        identity, size = write_archive(out, manifest, members, digests, mtime, level, threads,
+                                       progress.update, logger.isEnabledFor(logging.INFO))
     logger.info("packed %d programs, %d members, %s of files; identity sha256:%s",
                 len(collection.programs), len(members) + 1,
                 _human(manifest["totals"]["bytes"]), identity)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
 from . import __version__
 
@@ -33,6 +34,21 @@ class _Formatter(logging.Formatter):
         return prefix + record.getMessage()
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Standard error; while a progress bar may show (tqdm is loaded), through tqdm, so that
+    the line goes above the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is None:
+            super().emit(record)
+            return
+        try:
+            tqdm.tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in rpack's own shape: one `rpack: error:` line and a hint, exit 2."""
 
@@ -47,6 +63,14 @@ def _key_value(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _stored_key_value(text: str) -> tuple[str, str]:
+    """KEY=VALUE for the archive's manifest, whose readers refuse control characters."""
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text):
+        raise argparse.ArgumentTypeError(f"control character in {text!r}: the archive's "
+                                         "readers would refuse it")
+    return _key_value(text)
 
 
 def _bind(text: str) -> Bind:
@@ -199,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "ELF files in it get their libraries")
     resolve.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                          help="leave out paths matching GLOB")
-    resolve.add_argument("--env", action="append", default=[], type=_key_value,
+    resolve.add_argument("--env", action="append", default=[], type=_stored_key_value,
                          metavar="KEY=VALUE", help="run-time environment (stored in the archive; "
                          "LD_LIBRARY_PATH and LD_PRELOAD here take part in resolution)")
     resolve.add_argument("--allow-missing", action="store_true",
@@ -291,7 +315,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         level = logging.DEBUG
     elif args.verbose == 0:
         level = logging.WARNING
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.setFormatter(_Formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -319,7 +343,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     from packer.pack import create
 
     with open_output(args.archive, args.force) as out:
-        create(_options(args), out, args.level, args.threads)
+        create(_options(args), out, args.level, args.threads, quiet=args.quiet)
     return 0
 
 
@@ -369,7 +393,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   workdir=args.workdir, tmpdir=args.tmpdir, keep=args.keep,
                   binds=args.bind, limits=_limits(args), trust_setuid=args.trust_setuid,
                   host_files=not args.no_host_files, cache=not args.no_cache,
-                  cache_size=_cache_size(args))
+                  cache_size=_cache_size(args), quiet=args.quiet)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -394,19 +418,30 @@ def cmd_cache(args: argparse.Namespace) -> int:
         cache.close()
 
 
-def cmd_extract(args: argparse.Namespace) -> int:
-    from unpacker import extract_to, open_archive
+@contextlib.contextmanager
+def _reading(args: argparse.Namespace, what: str) -> Iterator[BinaryIO]:
+    """The archive, with a bar that follows how much of it has been read."""
+    from unpacker import open_archive
+    from unpacker.progress import bar, counting, file_size
 
-    with open_archive(args.archive) as source:
+    with open_archive(args.archive) as source, \
+            bar(what, file_size(source), args.quiet) as progress:
+        yield counting(progress, source)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from unpacker import extract_to
+
+    with _reading(args, "unpacking") as source:
         extract_to(source, args.dir, limits=_limits(args), trust_setuid=args.trust_setuid,
                    numeric_owner=args.numeric_owner)
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from unpacker import TarLines, list_members, open_archive
+    from unpacker import TarLines, list_members
 
-    with open_archive(args.archive) as source:
+    with _reading(args, "reading") as source:
         members = list_members(source, limits=_limits(args))
         if args.json:
             # Printed once the whole archive has passed every check.
@@ -420,9 +455,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from unpacker import inspect, open_archive
+    from unpacker import inspect
 
-    with open_archive(args.archive) as source:
+    with _reading(args, "reading") as source:
         summary = inspect(source, limits=_limits(args))
     if args.json:
         json.dump(summary.as_json(), sys.stdout, indent=1)
@@ -433,9 +468,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from unpacker import open_archive, verify
+    from unpacker import verify
 
-    with open_archive(args.archive) as source:
+    with _reading(args, "verifying") as source:
         summary = verify(source, limits=_limits(args), check_platform=not args.any_platform)
     if not args.quiet:
         print(f"{args.archive}: ok, {summary.members} members, "

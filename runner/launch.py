@@ -11,6 +11,7 @@ from typing import Any, BinaryIO
 
 from unpacker import Limits, extract, open_archive
 from unpacker.format import BASE_ENV
+from unpacker.progress import bar, counting, file_size
 
 from .cache import DEFAULT_SIZE, Cache, quick_key
 from .errors import RunError
@@ -56,7 +57,7 @@ def launch(archive: str, args: list[str], *, entrypoint: str | None = None,
            tmpdir: str | None = None, keep: bool = False, binds: Sequence[Bind] = (),
            limits: Limits | None = None, trust_setuid: bool = False,
            grace: float = GRACE, host_files: bool = True, cache: bool = True,
-           cache_size: int = DEFAULT_SIZE) -> int:
+           cache_size: int = DEFAULT_SIZE, quiet: bool = False) -> int:
     """Run the archive's entrypoint (or `entrypoint`) with `args`; return its exit status.
 
     The archive is checked as it is unpacked (`limits`, `trust_setuid`: see
@@ -64,16 +65,18 @@ def launch(archive: str, args: list[str], *, entrypoint: str | None = None,
     root and the `binds` (and the host's resolv.conf and hosts, unless not `host_files`);
     the root is deleted afterwards unless `keep`. With `cache` (and not `keep`), an archive
     file is unpacked once into runner.cache (of at most `cache_size` bytes) and each run gets
-    an overlay of its own on that root.
+    an overlay of its own on that root. A progress bar follows the unpacking unless `quiet`.
     """
     check_binds(binds)
-    with open_archive(archive) as source:
+    with open_archive(archive) as source, bar("unpacking", file_size(source), quiet) as progress:
         # Before unpacking anything: a host without user namespaces fails at once.
         check_namespaces()
         with workspace(tmpdir, keep) as place:
             try:
-                with unpacked(source, place, cache and not keep, cache_size, limits or Limits(),
-                              trust_setuid) as (root, manifest, layers):
+                with unpacked(counting(progress, source), place, cache and not keep, cache_size,
+                              limits or Limits(), trust_setuid) as (root, manifest, layers):
+                    # Gone before the program writes anything.
+                    progress.close()
                     argv = command(manifest, entrypoint, args)
                     stored_workdir = manifest.get("workdir")
                     cwd = workdir or (stored_workdir if isinstance(stored_workdir, str) else "/")

@@ -349,7 +349,7 @@ NOBODY = 65534
 # the interpreter and this checkout may live where nobody can read (a pyenv under /root).
 AS_NOBODY = f"""
 import os, sys
-import packer.errors, rpack.cli, runner.launch, unpacker
+import packer.errors, rpack.cli, runner.launch, unpacker, tqdm, tqdm.utils
 rpack.cli.build_parser().parse_args(sys.argv[1:])
 os.setgroups([])
 os.setgid({NOBODY})

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import json
 import os
 import shutil
 import stat
-import struct
 import subprocess
 import tarfile
-import termios
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -414,33 +411,3 @@ def test_machine_without_an_oci_name_is_refused(tmp_path: Path) -> None:
     assert error_lines(done.stderr) == ["rpack: error: no OCI architecture for the archive's "
                                         "platform m68k (64-bit, little-endian)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tar.zst"]
-
-
-# --- progress ------------------------------------------------------------------------------
-
-
-def test_progress_on_a_terminal_only_and_never_with_quiet(sh: Path, tmp_path: Path) -> None:
-    def stderr_on_a_terminal(*flags: str) -> bytes:
-        controller, terminal = os.openpty()
-        # A terminal of 0 columns, as a new pty has, would get an empty bar.
-        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-        try:
-            done = subprocess.run([*RPACK, "export-oci", *flags, "-f", sh, tmp_path / "i.tar"],
-                                  stderr=terminal, env=rpack_env())
-            os.close(terminal)
-            assert done.returncode == 0
-            shown = b""
-            while True:
-                try:
-                    chunk = os.read(controller, 65536)
-                except OSError:  # EIO: the terminal's other side is closed and drained
-                    break
-                if not chunk:
-                    break
-                shown += chunk
-            return shown
-        finally:
-            os.close(controller)
-
-    assert b"reading archive" in stderr_on_a_terminal()
-    assert stderr_on_a_terminal("-q") == b""
