@@ -272,6 +272,26 @@ CASES = [
     Case("H86-manifest-not-json",
          lambda h: archive(head=encode(file(MANIFEST_PATH, b"{not json"))), MANIFEST_PATH,
          r"^invalid manifest \(expecting property name"),
+    Case("C22-manifest-escape", lambda h: archive(head=manifest_member(manifest(
+        generator="rpack\x1b]0;retitled\x07\x1b[2J"))), MANIFEST_PATH,
+         r"^invalid manifest \(control character in a string of 'generator'\)$"),
+    Case("C22-manifest-c1", lambda h: archive(head=manifest_member(manifest(
+        env={"X": "\x9b31m"}))), MANIFEST_PATH,
+         r"^invalid manifest \(control character in a string of 'env'\)$"),
+    Case("H86-entrypoint-nul", lambda h: archive(head=manifest_member(manifest(
+        entrypoint=["/bin/sh\x00-c"]))), MANIFEST_PATH,
+         r"^invalid manifest \(control character in a string of 'entrypoint'\)$"),
+    Case("H86-env-a-list", lambda h: archive(head=manifest_member(manifest(env=["A=1"]))),
+         MANIFEST_PATH, r"^invalid manifest \('env' is not an object of strings\)$"),
+    Case("H86-env-name-with-equals", lambda h: archive(head=manifest_member(manifest(
+        env={"A=B": "1"}))), MANIFEST_PATH,
+         r"^invalid manifest \('env' has a name that is empty or holds '='\)$"),
+    Case("H86-entrypoint-empty", lambda h: archive(head=manifest_member(manifest(
+        entrypoint=[]))), MANIFEST_PATH,
+         r"^invalid manifest \('entrypoint' is not a non-empty list of strings\)$"),
+    Case("H86-workdir-relative", lambda h: archive(head=manifest_member(manifest(
+        workdir="tmp"))), MANIFEST_PATH,
+         r"^invalid manifest \('workdir' is not an absolute path\)$"),
     # Section 4 of the issue: the platform
     Case("platform", foreign, None, r"^archive is for aarch64 \(64-bit, little-endian\), this "
          r"host is \S+ \(\d\d-bit, \w+-endian\)$"),
@@ -712,6 +732,24 @@ def test_huge_pax_header_uses_no_memory(tmp_path: Path) -> None:
     done, rss = peak_rss("verify", path)
     assert "pax header of 1000000000 bytes exceeds" in done.stderr
     assert rss < 100 * MiB
+
+
+def test_a_manifest_of_many_small_values_is_refused_unparsed(tmp_path: Path) -> None:
+    # 4 MiB of "{}, " under an unknown key: parsed, some 100 MiB of dicts; counted, refused.
+    padded = manifest(zpad=[{}] * 1_100_000)
+    path = tmp_path / "padded.tar.zst"
+    path.write_bytes(archive(head=manifest_member(padded)))
+    done, rss = peak_rss("verify", path)
+    assert re.fullmatch(rf"rpack: error: member {re.escape(repr(MANIFEST_PATH))}: invalid "
+                        r"manifest \(22000\d\d json items, more than 200000 entries need; "
+                        r"see --max-members\)\n", done.stderr), done.stderr
+    assert rss < 100 * MiB
+    # The bound follows the option: the same manifest with fewer entries allowed.
+    small = tmp_path / "small.tar.zst"
+    small.write_bytes(archive(head=manifest_member(manifest(zpad=[{}] * 3000))))
+    refused = peak_rss("verify", "--max-members", "100", small)[0]
+    assert "json items, more than 100 entries need" in refused.stderr
+    assert peak_rss("verify", small)[0].returncode == 0
 
 
 def test_too_many_members(tmp_path: Path) -> None:

@@ -12,6 +12,13 @@ from unpacker.format import FORMAT
 from unpacker.read import Kind, Member
 
 _SHA256 = re.compile("[0-9a-f]{64}")
+# Control characters (C0, DEL, C1): in a string shown on a terminal they can move the cursor,
+# retitle the window or clear the screen (security.md C22). No manifest string needs them.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# JSON items (commas and opening brackets) a manifest may hold per entry its members allow:
+# an entry is one object of at most seven keys, six commas in it and one in the list; the
+# rest of the manifest needs a few dozen.
+_ITEMS_PER_ENTRY, _ITEMS_BESIDES = 10, 4096
 _KERNEL = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){0,3}")
 _KINDS = {kind.value: kind for kind in Kind}
 
@@ -57,19 +64,66 @@ class Manifest:
         return sum(entry.size for entry in self.entries)
 
 
-def parse_manifest(data: bytes, name: str) -> Manifest:
-    """Parse and check the manifest member's bytes; refuse, naming `name`, what is not valid."""
+def parse_manifest(data: bytes, name: str, max_members: int) -> Manifest:
+    """Parse and check the manifest member's bytes; refuse, naming `name`, what is not valid.
+
+    Before parsing, its JSON items are counted, those in strings too: no more than
+    `max_members` entries need, so that a small crafted manifest cannot make the parser build
+    millions of objects. A manifest rpack writes needs about 7 an entry.
+    """
+    count = data.count(b",") + data.count(b"{") + data.count(b"[")
+    if count > _ITEMS_PER_ENTRY * max_members + _ITEMS_BESIDES:
+        raise UnpackError(f"invalid manifest ({count} json items, more than "
+                          f"{max_members} entries need; see --max-members)", name)
     obj = _load(data, name)
     if obj.get("format") != FORMAT:
         shown = repr(obj.get("format"))[:40]
         raise UnpackError(f"unsupported archive format {shown} (expected {FORMAT!r})", name)
     try:
+        _check_text(obj, "the manifest")
         entries = _entries(obj.get("entries"))
         platform = _platform(obj.get("platform"))
         _check_totals(obj.get("totals"), entries)
+        _check_defaults(obj)
     except ValueError as exc:
         raise UnpackError(f"invalid manifest ({exc})", name) from None
     return Manifest(obj, entries, platform)
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Refuse a control character in any string of `value`, keys included."""
+    if isinstance(value, str):
+        if _CONTROL.search(value):
+            raise ValueError(f"control character in a string of {where}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where)
+            _check_text(item, f"'{key[:40]}'" if where == "the manifest" else where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, where)
+
+
+def _check_defaults(obj: dict[str, Any]) -> None:
+    """The run-time defaults, when present, must be what exec and chdir can take."""
+    entrypoint = obj.get("entrypoint")
+    if entrypoint is not None and (not isinstance(entrypoint, list) or not entrypoint
+                                   or not all(isinstance(a, str) for a in entrypoint)
+                                   or not entrypoint[0]):
+        raise ValueError("'entrypoint' is not a non-empty list of strings")
+    programs = obj.get("programs")
+    if programs is not None and (not isinstance(programs, list)
+                                 or not all(isinstance(p, str) for p in programs)):
+        raise ValueError("'programs' is not a list of strings")
+    env = obj.get("env")
+    if env is not None:
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            raise ValueError("'env' is not an object of strings")
+        if any(not key or "=" in key for key in env):
+            raise ValueError("'env' has a name that is empty or holds '='")
+    workdir = obj.get("workdir")
+    if workdir is not None and (not isinstance(workdir, str) or not workdir.startswith("/")):
+        raise ValueError("'workdir' is not an absolute path")
 
 
 def _load(data: bytes, name: str) -> dict[str, Any]:

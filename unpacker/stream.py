@@ -1,6 +1,8 @@
 """One checked pass over an archive: the reader behind extract, verify, list and inspect."""
 
 import hashlib
+import queue
+import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -11,7 +13,8 @@ from unpacker.format import MANIFEST_MAX_SIZE, MANIFEST_PATH
 from unpacker.host import check_platform
 from unpacker.limits import Limits
 from unpacker.manifest import Entry, Manifest, ManifestCheck, parse_manifest
-from unpacker.read import Kind, Member, Readable, TarReader
+from unpacker.read import CHUNK as READ_CHUNK
+from unpacker.read import Kind, Member, TarReader
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,8 @@ class ArchiveReader:
     def __iter__(self) -> Iterator[Item]:
         checker = FrameChecker(self._source)
         try:
-            with open_stream(checker) as stream:
-                hashing = _Hashing(stream, self._tar_sink)
-                reader = TarReader(hashing, self._limits)
+            with _TarStream(checker, self._tar_sink) as tar:
+                reader = TarReader(tar, self._limits)
                 check = yield from self._items(reader)
                 self._current = None
                 reader.finish()
@@ -82,8 +84,8 @@ class ArchiveReader:
         except Exception as exc:
             member = self._current.name if self._current else None
             raise UnpackError(reason(exc), member) from exc
-        self.identity = hashing.digest.hexdigest()
-        self.tar_bytes = hashing.size
+        self.identity = tar.digest.hexdigest()
+        self.tar_bytes = tar.size
         self.compressed_bytes = checker.compressed_bytes
 
     def _items(self, reader: TarReader) -> Generator[Item, None, ManifestCheck]:
@@ -122,27 +124,87 @@ class ArchiveReader:
         if first.size > MANIFEST_MAX_SIZE:
             raise UnpackError(f"manifest larger than {MANIFEST_MAX_SIZE} bytes", first.name)
         data = b"".join(reader.data())
-        manifest = parse_manifest(data, first.name)
+        manifest = parse_manifest(data, first.name, self._limits.max_members)
         if self._check_platform:
             check_platform(manifest.platform)
         return manifest, data
 
-class _Hashing:
-    """Passes the decompressed stream on, hashing it (the archive's identity) and copying it
-    to `sink` if there is one."""
+class _TarStream:
+    """The uncompressed tar stream of the frames `checker` passes, decompressed in a thread of
+    its own at most DEPTH chunks ahead of its reader.
 
-    def __init__(self, stream: Readable, sink: Callable[[bytes], object] | None) -> None:
-        self._stream = stream
+    The thread decompresses, hashes the stream (the archive's identity, in `digest` and `size`)
+    and hands every byte to `sink` if there is one, all of which runs outside the GIL, while
+    the reader checks members and writes files: two cores, as tar piped from zstd uses. What
+    the thread meets (a refused frame, corrupt data) is raised to the reader at the point of
+    the stream where it happened. The zstd stream is the thread's alone, opened and closed
+    there. By the time the reader gets b"" the thread has ended; leaving early stops it,
+    waiting a moment for a thread blocked reading a pipe, which then ends with the process.
+    """
+
+    DEPTH = 4
+
+    def __init__(self, checker: FrameChecker, sink: Callable[[bytes], object] | None) -> None:
+        self._checker = checker
         self._sink = sink
         self.digest = hashlib.sha256()
         self.size = 0
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self.DEPTH)
+        self._stop = threading.Event()
+        self._chunk = b""
+        self._at = 0
+        self._ended = False
+        self._thread = threading.Thread(target=self._fill, name="rpack-tar-stream", daemon=True)
+
+    def __enter__(self) -> "_TarStream":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+
+    def _fill(self) -> None:
+        try:
+            with open_stream(self._checker) as stream:
+                while not self._stop.is_set():
+                    data = stream.read(READ_CHUNK)
+                    if self._stop.is_set():
+                        return  # the reader has gone, and the sink may be closed
+                    self.digest.update(data)
+                    self.size += len(data)
+                    if self._sink is not None and data:
+                        self._sink(data)
+                    self._put(data)
+                    if not data:
+                        return
+        except BaseException as exc:  # raised in the reader's thread instead
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def read(self, size: int = -1, /) -> bytes:
-        data = self._stream.read(size)
-        self.digest.update(data)
-        self.size += len(data)
-        if self._sink is not None and data:
-            self._sink(data)
+        if self._at == len(self._chunk):
+            if self._ended:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            if not item:
+                self._ended = True
+                self._thread.join()
+                return b""
+            self._chunk, self._at = item, 0
+        end = len(self._chunk) if size < 0 else min(len(self._chunk), self._at + size)
+        data = self._chunk[self._at:end]
+        self._at = end
         return data
 
 
