@@ -118,6 +118,10 @@ def complete_identity(etc: int, name: str, root_entry: str) -> str | None:
     """Keep the archive's own passwd or group; append the root entry when id 0 has none."""
     flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
+        # Before opening: an overlay copies the file up at open, which would hide its links.
+        st = os.stat(name, dir_fd=etc, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            return f"/etc/{name} in the root is a hard link: it was left as it is"
         fd = os.open(name, flags, dir_fd=etc)
     except OSError as e:
         what = "a symlink" if e.errno == errno.ELOOP else f"unusable ({e.strerror})"

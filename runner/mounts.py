@@ -365,8 +365,10 @@ def mount_point(dirfd: int, name: str, where: str) -> int:
     try:
         return os.open(name, O_PATHDIR, dir_fd=dirfd)
     except OSError as e:
-        raise RunError(f"refusing to run: {where} in the root is {describe(dirfd, name, e)}, "
-                       "not a directory",
+        what = describe(dirfd, name, e)
+        if what != "not a directory":
+            what += ", not a directory"
+        raise RunError(f"refusing to run: {where} in the root is {what}",
                        hint=f"{where} must be a plain directory in the archive") from e
 
 

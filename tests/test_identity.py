@@ -13,6 +13,7 @@ from test_run import (
     Host,
     Member,
     create,
+    hardlink,
     host,
     read_members,
     regular,
@@ -177,6 +178,21 @@ def test_locale_is_the_archives_not_the_hosts(host: Host, locale: Path, mode: st
     done = run_cli(mode, "run", "--env", "LANG=C.UTF-8", "--entrypoint", "/usr/bin/locale",
                    archive, "charmap", env=outside)
     assert (done.returncode, done.stdout, done.stderr) == (0, "UTF-8\n", "")
+    host.check()
+
+
+@pytest.mark.parametrize("cache", ["--no-cache", "--cache-size=1G"])
+def test_passwd_that_is_a_hard_link_is_left_alone(host: Host, ids: Path, shared: Path,
+                                                  cache: str) -> None:
+    # Appending root's line would change the other name as well.
+    other = b"user:x:1000:1000::/:/bin/sh\n"
+    archive = repack(ids, shared / f"passwd-hardlink{cache}.tar.zst",
+                     add=(regular("etc/opasswd", other), hardlink("etc/passwd", "etc/opasswd")))
+    done = run_cli("root", "run", "--tmpdir", host.tmpdir, cache, "--entrypoint", "/bin/sh",
+                   archive, "-c", "cat /etc/opasswd /etc/passwd")
+    assert (done.returncode, done.stdout) == (0, other.decode() * 2)
+    assert done.stderr == ("rpack: warning: /etc/passwd in the root is a hard link: it was "
+                           "left as it is\n")
     host.check()
 
 

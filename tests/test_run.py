@@ -146,6 +146,9 @@ def entry(info: tarfile.TarInfo, data: bytes) -> dict[str, object]:
     """The manifest's record of a member, as format.md section 4 has it."""
     if info.issym():
         return {"path": info.name, "type": "symlink", "mode": info.mode, "target": info.linkname}
+    if info.islnk():
+        return {"path": info.name, "type": "hardlink", "mode": info.mode,
+                "target": info.linkname}
     if info.isdir():
         return {"path": info.name, "type": "dir", "mode": info.mode}
     return {"path": info.name, "type": "file", "mode": info.mode, "size": len(data),
@@ -171,6 +174,12 @@ def regular(name: str, data: bytes, mode: int = 0o644) -> Member:
 def symlink(name: str, target: str) -> Member:
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, 1_700_000_000
+    return info, b""
+
+
+def hardlink(name: str, target: str) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.mtime = tarfile.LNKTYPE, target, 0o644, 1_700_000_000
     return info, b""
 
 
