@@ -25,6 +25,7 @@ JOB_CONTROL = frozenset({signal.SIGTSTP, signal.SIGCONT})
 FORWARDED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                        signal.SIGUSR1, signal.SIGUSR2}) | JOB_CONTROL
 WAITED = FORWARDED | {signal.SIGCHLD}
+GROUP_SIGNALS = JOB_CONTROL | {signal.SIGINT, signal.SIGQUIT}
 # How long a program may take to end after rpack passed it a SIGTERM (docker stop's default).
 GRACE = 10.0
 
@@ -180,8 +181,10 @@ def supervise(pid: int, *, orphans: bool, grace: float | None = None, report: in
 
 
 def forward(pid: int, sig: int, group: bool) -> None:
-    # Stopping and continuing reach the program's whole process group, as from a terminal.
-    if group and sig in JOB_CONTROL:
+    # What a terminal's keys send (interrupt, quit, stop) and continuing reach the program's
+    # whole process group, as a terminal sends them to its foreground group: Ctrl-C ends
+    # `sh -c 'sleep 100'` with its sleep, even off a terminal.
+    if group and sig in GROUP_SIGNALS:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
             return

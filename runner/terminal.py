@@ -47,8 +47,12 @@ class Terminal:
 
     @classmethod
     def open(cls) -> "Terminal | None":
-        """A Terminal if stdin is a terminal, else None: pipes and files pass untouched."""
+        """A Terminal if stdin is a terminal rpack runs in the foreground of, else None: pipes
+        and files pass untouched, and so does the terminal of a job in the background (raw
+        mode would stop it, as any background job changing its terminal is stopped)."""
         try:
+            if os.tcgetpgrp(0) != os.getpgrp():
+                return None
             attrs = termios.tcgetattr(0)
             size = fcntl.ioctl(0, termios.TIOCGWINSZ, bytes(8))
             rdev = os.fstat(0).st_rdev

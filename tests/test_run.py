@@ -303,6 +303,25 @@ def test_signal_to_rpack_ends_the_program(host: Host, sh: Path, mode: str,
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT], ids=["INT", "QUIT"])
+def test_keyboard_signals_reach_the_programs_children(host: Host, sh: Path, mode: str,
+                                                      sig: signal.Signals) -> None:
+    # Off a terminal as on one, Ctrl-C reaches the program's process group: sh's sleep as
+    # well, without which sh would wait for it.
+    seconds = unique(mode, f".{sig}")
+    process = start_cli(mode, "run", "--tmpdir", host.tmpdir, sh, "-c",
+                        f"echo started; sleep {seconds}; echo after")
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"started\n"
+    assert wait_for(lambda: len(sleepers(seconds)) == 1)
+    process.send_signal(sig)
+    assert process.wait(timeout=30) == 128 + sig
+    assert process.stdout.read() == b""
+    assert not sleepers(seconds)
+    host.check()
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_program_ignoring_sigterm_is_killed_after_the_grace_period(host: Host, sh: Path,
                                                                    mode: str) -> None:
     process = start_cli(mode, "run", "--tmpdir", host.tmpdir, sh, "-c",
@@ -690,6 +709,25 @@ def test_interactive_bash_through_tmux(host: Host, bash: Path, mode: str) -> Non
     finally:
         tmux("kill-server")
     status.unlink()
+    host.check()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_run_in_the_background_of_a_terminal_is_not_stopped(host: Host, sh: Path,
+                                                                mode: str) -> None:
+    # `rpack run ... &` from an interactive shell: the terminal is not its to take over.
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (Debian: apt-get install tmux)")
+    command = shlex.join(cli(mode, "run", "--tmpdir", host.tmpdir, sh, "-c",
+                             "echo bgout; sleep 1; echo bgdone"))
+    tmux = Tmux(f"rpack-test-{os.getpid()}-bg-{mode}")
+    tmux("new-session", "-d", "-s", "rpack", "-x", "80", "-y", "24", "bash --norc -i")
+    try:
+        tmux.wait(r"^bash-[0-9.]+#$")
+        tmux.keys(f"{command} & wait $!; echo status=$?", "Enter")
+        assert "\nbgout\nbgdone\n" in tmux.wait(r"^status=0$")
+    finally:
+        tmux("kill-server")
     host.check()
 
 
