@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -530,7 +531,46 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
+def _fill_closed_descriptors() -> set[int]:
+    """Put /dev/null on whichever of 0, 1 and 2 is closed, and say which were.
+
+    Otherwise the next file opened takes that number, and a program rpack runs would get the
+    archive, say, as its standard output.
+    """
+    closed = set()
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.add(fd)
+    if closed:
+        null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: the first closed
+        os.set_inheritable(null, True)  # a standard descriptor, as programs expect
+        for fd in closed - {null}:
+            os.dup2(null, fd)
+    if 2 in closed:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    return closed
+
+
+def _writes_standard_output(args: argparse.Namespace) -> bool:
+    if args.command == "create":
+        return bool(args.archive == "-")
+    if args.command == "export-oci":
+        return bool(args.out == "-")
+    return args.command not in ("run", "extract")
+
+
+def _check_streams(args: argparse.Namespace, closed: set[int]) -> None:
+    """Refuse to read an archive from, or write output to, a stream that was closed."""
+    if 0 in closed and getattr(args, "archive", None) == "-":
+        raise OSError(errno.EBADF, "standard input is closed: no archive to read")
+    if 1 in closed and _writes_standard_output(args):
+        raise OSError(errno.EBADF, "standard output is closed")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    closed = _fill_closed_descriptors()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, trace_args = _split_trace_arguments(argv)
@@ -553,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for terminating in TERMINATING:
         signal.signal(terminating, _terminate)
     try:
+        _check_streams(args, closed)
         return COMMANDS[args.command](args)
     except Terminated as e:
         if args.debug:

@@ -487,3 +487,23 @@ def test_symlinks_in_an_added_tree_are_kept_not_followed(tmp_path: Path) -> None
     assert by_name[str(tmp_path / "plink").lstrip("/")].linkname == "p"
     assert by_name[f"{inside}/src/a"].isfile()
     assert "etc/shadow" not in by_name and "usr/bin/ls" not in by_name
+
+
+def with_closed(fd: int, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """rpack ARGS started with descriptor `fd` (0 or 1) closed, its stderr captured."""
+    pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL}
+    del pipes["stdin" if fd == 0 else "stdout"]
+    return subprocess.run([*RPACK, *map(str, args)], **pipes, stderr=subprocess.PIPE,
+                          text=True, env=rpack_env(), timeout=120,
+                          preexec_fn=lambda: os.close(fd))
+
+
+@pytest.mark.parametrize(("fd", "args", "message"), [
+    (1, ("create", "-", "/bin/sh"), "standard output is closed"),
+    (1, ("deps", "/bin/sh"), "standard output is closed"),
+    (0, ("list", "-"), "standard input is closed: no archive to read"),
+])
+def test_a_closed_standard_stream_is_one_error(fd: int, args: tuple[str, ...],
+                                               message: str) -> None:
+    done = with_closed(fd, *args)
+    assert (done.returncode, done.stderr) == (1, f"rpack: error: {message}\n")

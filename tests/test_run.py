@@ -731,6 +731,27 @@ def test_a_run_in_the_background_of_a_terminal_is_not_stopped(host: Host, sh: Pa
     host.check()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_closed_standard_streams(host: Host, sh: Path, mode: str) -> None:
+    # Closed, rpack's stdout becomes /dev/null for the program, never a file rpack opened.
+    command = cli(mode, "run", "--tmpdir", host.tmpdir, sh, "-c",
+                  # fd 3 keeps what fd 1 was: dash moves fd 1 while running ls >&2.
+                  "exec 3>&1; ls -l /proc/$$/fd/3 >&2; echo to-nowhere")
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=rpack_env(), cwd=tempfile.gettempdir(), timeout=60,
+                          preexec_fn=lambda: os.close(1))
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"/fd/3 -> /dev/null$", done.stderr, re.M), done.stderr
+    # Reading the archive from a closed standard input is refused.
+    done = subprocess.run(cli(mode, "run", "--tmpdir", host.tmpdir, "-", "-c", "true"),
+                          capture_output=True, text=True,
+                          env=rpack_env(), cwd=tempfile.gettempdir(), timeout=60,
+                          preexec_fn=lambda: os.close(0))
+    assert (done.returncode, done.stderr) == (
+        125, "rpack: error: standard input is closed: no archive to read\n")
+    host.check()
+
+
 def test_shipping_through_a_pipe() -> None:
     command = f"{shlex.join(RPACK)} create - /bin/sh | {shlex.join(RPACK)} run - -c 'echo piped'"
     done = subprocess.run(command, shell=True, stdin=subprocess.DEVNULL, capture_output=True,
