@@ -142,7 +142,7 @@ def export_oci(source: BinaryIO, out: BinaryIO, reference: str, *, compression: 
         with bar("writing image", layer.size, quiet) as progress:
             # The small files first, then the blobs, the layer last: every member's bytes and
             # metadata follow from the archive and the arguments alone.
-            tar = TarWriter(out)
+            tar = TarWriter(out, progress.update)
             for name, data in (("oci-layout", _json({"imageLayoutVersion": "1.0.0"})),
                                ("index.json", index), ("manifest.json", docker)):
                 _add_bytes(tar, name, data, layer.mtime)
@@ -152,7 +152,7 @@ def export_oci(source: BinaryIO, out: BinaryIO, reference: str, *, compression: 
                 _add_bytes(tar, _blob_path(_sha256(data)), data, layer.mtime)
             tar.add(tarinfo(_blob_path(layer.digest), tarfile.REGTYPE, 0o644, layer.mtime,
                             layer.size),
-                    counting(progress, layer_file))
+                    layer_file)
             tar.close()
 
     manifest_digest = _sha256(manifest)

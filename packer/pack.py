@@ -87,7 +87,22 @@ def find_program(name: str, cwd: str) -> str:
     path = os.path.abspath(os.path.join(cwd, name))
     if not os.path.lexists(path):
         raise PackError(f"{path!r}: no such file")
+    _refuse_kernel_files(path, "a program")
     return path
+
+
+# Filesystems the kernel makes up as they are read; the archive holds /proc and /dev empty.
+KERNEL_TREES = ("/proc", "/sys", "/dev")
+
+
+def _refuse_kernel_files(path: str, what: str) -> None:
+    """Refuse a path in /proc, /sys or /dev, or one that leads there (/dev/stdin)."""
+    for candidate in (path, os.path.realpath(path)):
+        tree = next((t for t in KERNEL_TREES
+                     if candidate == t or candidate.startswith(t + "/")), None)
+        if tree is not None:
+            raise PackError(f"{path!r} is in {tree}, which the kernel provides, not a file to "
+                            f"pack as {what}", hint="name the file by its real path")
 
 
 def collect(options: Options, cwd: str | None = None) -> Collection:
@@ -114,6 +129,7 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
         path = os.path.abspath(os.path.join(cwd, added))
         if not os.path.lexists(path):
             raise PackError(f"{added!r}: no such file or directory (given to --add)")
+        _refuse_kernel_files(path, "--add")
         for member in plan.add_tree(path, "added"):
             note("/" + member, "/" + member, "added", f"under {path} (--add)")
             if plan.members[member].type == "symlink":

@@ -365,9 +365,9 @@ def cmd_deps(args: argparse.Namespace) -> int:
         print()
         return 0
     for item in report["files"]:
-        print(f"{item['kind']:<12} {item['path']}  ({item['why']})")
+        print(f"{item['kind']:<18} {item['path']}  ({item['why']})")
     for missing in report["missing"]:
-        print(f"{'missing':<12} {missing['name']}  (needed by {missing['needed_by']})")
+        print(f"{'missing':<18} {missing['name']}  (needed by {missing['needed_by']})")
     return 0
 
 

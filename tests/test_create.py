@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import zstandard
 from conftest import RPACK, error_lines, rpack, rpack_env
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from packer import archive
 
 
 def members(archive: Path) -> list[tarfile.TarInfo]:
@@ -182,6 +186,23 @@ def test_bad_program_is_one_clear_error(bad: str, tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.startswith("rpack: error: ") and "Traceback" not in done.stderr
     assert bad in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "named", "what"), [
+    (["/proc/self/exe"], "/proc/self/exe", "in /proc, which the kernel provides, not a file to "
+     "pack as a program"),
+    (["/dev/stdin"], "/dev/stdin", "in /dev, which the kernel provides, not a file to pack as "
+     "a program"),
+    (["--add", "/sys/kernel", "/bin/sh"], "/sys/kernel", "in /sys, which the kernel provides, "
+     "not a file to pack as --add"),
+])
+def test_kernel_files_are_not_packed(args: list[str], named: str, what: str,
+                                     tmp_path: Path) -> None:
+    # /proc/self/exe would pack rpack's own interpreter and a /proc of the packing host.
+    done = rpack("create", tmp_path / "x.tar.zst", *args)
+    assert done.returncode == 1
+    assert error_lines(done.stderr) == [f"rpack: error: {named!r} is {what}"]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -507,3 +528,41 @@ def test_a_closed_standard_stream_is_one_error(fd: int, args: tuple[str, ...],
                                                message: str) -> None:
     done = with_closed(fd, *args)
     assert (done.returncode, done.stderr) == (1, f"rpack: error: {message}\n")
+
+
+NAMES = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1,
+                max_size=120)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(name=NAMES, kind=st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE,
+                                         tarfile.LNKTYPE]),
+       mode=st.integers(0, 0o7777), mtime=st.integers(0, 8**11 + 10),
+       size=st.integers(0, 8**11 + 10), linkname=NAMES)
+def test_ustar_headers_are_what_tarfile_writes(name: str, kind: bytes, mode: int, mtime: int,
+                                               size: int, linkname: str) -> None:
+    info = archive.tarinfo(name, kind, mode, mtime, size if kind == tarfile.REGTYPE else 0,
+                           linkname if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else "")
+    fast = archive.ustar_header(info)
+    if fast is not None:
+        assert fast == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    else:
+        assert info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")[156:157] == b"x"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(NAMES, NAMES | st.integers() | st.lists(NAMES), max_size=4),
+                max_size=5),
+       st.dictionaries(NAMES, NAMES, max_size=3))
+def test_the_manifest_is_json_of_sorted_keys_an_entry_a_line(entries: list[dict[str, object]],
+                                                             env: dict[str, str]) -> None:
+    manifest = {"format": "rpack/1", "entries": entries, "env": env, "workdir": "/"}
+    text = archive.manifest_bytes(manifest).decode()
+    assert json.loads(text) == manifest
+    # The keys in order at every level, and no entry spread over lines.
+    assert list(json.loads(text, object_pairs_hook=lambda pairs: [k for k, _ in pairs])) == \
+        sorted(manifest)
+    lines = text.split("\n")
+    for index, entry in enumerate(entries):
+        line = "  " + json.dumps(entry, sort_keys=True, ensure_ascii=False)
+        assert line + ("," if index < len(entries) - 1 else "") in lines
