@@ -240,7 +240,7 @@ def _place_traced(plan: Plan, resolver: Resolver, options: Options, programs: li
         return None
     entrypoint = options.entrypoint or programs[0]
     traced = run_trace([entrypoint, *options.trace_args], options.env, cwd,
-                       options.trace_excludes, options.trace_includes)
+                       options.trace_excludes, options.trace_includes, programs)
     for used in traced.files:
         if plan.excluded(used.path) or plan.resolves(used.path):
             continue

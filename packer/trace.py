@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .errors import PackError
@@ -105,7 +105,7 @@ class _Use:
 
 
 def run_trace(argv: list[str], env: dict[str, str], cwd: str, excludes: list[str],
-              includes: list[str]) -> TraceResult:
+              includes: list[str], programs: Iterable[str] = ()) -> TraceResult:
     """Run `argv` once under `strace -f` and return the files it opened, executed or looked up.
 
     The run gets the environment `rpack run` would give it (PATH, HOME=/, TERM, then `env`),
@@ -113,7 +113,9 @@ def run_trace(argv: list[str], env: dict[str, str], cwd: str, excludes: list[str
     both its outputs (standard output may be the archive). Failed calls are ignored; files the
     run wrote are outputs and left out, as are the DEFAULT_EXCLUDES trees and files and the
     paths named in the run's arguments, unless an `includes` glob matches them; an `excludes`
-    glob always wins. A glob matches a path or any directory above it.
+    glob always wins. A glob matches a path or any directory above it. An ELF file left out
+    by default or as an argument is warned about, unless it is one of `programs`, which are
+    packed anyway.
     """
     strace = shutil.which("strace")
     if strace is None:
@@ -131,7 +133,8 @@ def run_trace(argv: list[str], env: dict[str, str], cwd: str, excludes: list[str
         logger.warning("the traced run of %s exited with status %d; packing what it used",
                        argv[0], status)
     result = TraceResult(argv, status)
-    _select(result, uses, _named(argv[1:], cwd), excludes, includes)
+    packed = {os.path.realpath(program) for program in programs}
+    _select(result, uses, _named(argv[1:], cwd), excludes, includes, packed)
     logger.info("--trace: %d paths used, %d left out (see rpack deps --json)",
                 len(result.files), len(result.excluded))
     return result
@@ -267,7 +270,7 @@ def _named(args: list[str], cwd: str) -> set[str]:
 
 
 def _select(result: TraceResult, uses: dict[str, _Use], named: set[str], excludes: list[str],
-            includes: list[str]) -> None:
+            includes: list[str], packed: set[str]) -> None:
     """Sort what the run used into files to pack and paths left out, adding script
     interpreters, which the kernel opens without a system call."""
     for path, use in _with_interpreters(uses).items():
@@ -283,9 +286,10 @@ def _select(result: TraceResult, uses: dict[str, _Use], named: set[str], exclude
             reason = "named in the traced run's arguments"
         else:
             reason = _default_reason(path) or _default_reason(real)
-            if reason is not None and _is_elf(path):
-                logger.warning("--trace: %s is left out: %s; keep it with --trace-include",
-                               path, reason)
+        if reason not in (None, "--trace-exclude") and not use.written and real not in packed \
+                and _is_elf(path):
+            logger.warning("--trace: %s is left out: %s; keep it with --trace-include",
+                           path, reason)
         if reason is not None:
             logger.debug("--trace: %s left out: %s", path, reason)
             result.excluded.append((path, reason))

@@ -205,6 +205,18 @@ def test_files_named_in_the_arguments_are_left_out(build: Path) -> None:
     assert report["trace"]["argv"] == ["/bin/cat", "input.txt", "/etc/debian_version"]
 
 
+def test_an_elf_file_left_out_is_warned_about_unless_it_is_packed(tmp_path: Path) -> None:
+    # env runs the program its arguments name: left out as an input, so said.
+    done = rpack("deps", "--trace", "/usr/bin/env", "--", "/usr/bin/true")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ("rpack: warning: --trace: /usr/bin/true is left out: named in the "
+                           "traced run's arguments; keep it with --trace-include\n")
+    # A program under /tmp opens itself (a default exclude) but is packed as the program.
+    program = shutil.copy("/bin/true", tmp_path / "prog")
+    done = rpack("deps", "--trace", program)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+
+
 def test_trace_exclude_and_include(build: Path) -> None:
     # /etc/os-release is a symbolic link to ../usr/lib/os-release: a glob matching either
     # name leaves it out; an include brings back what the default list leaves out.
