@@ -603,7 +603,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PackError, UnpackError, RunError) as e:
         if args.debug:
             raise
-        _error(str(e), getattr(e, "hint", None))
+        message = str(e)
+        if isinstance(e, UnpackError) and e.of_archive:
+            archive = getattr(args, "archive", "-")
+            message = f"{'standard input' if archive == '-' else archive}: {message}"
+        _error(message, getattr(e, "hint", None))
         return failure
     except KeyboardInterrupt:
         if args.debug:

@@ -298,14 +298,15 @@ CASES = [
 ]
 
 
-def check_error(error: str, case: Case, host: Path) -> None:
-    """The refusal names the case's member (quoted as the error does) and its reason."""
+def check_error(error: str, case: Case, host: Path, archive: Path) -> None:
+    """The refusal names the case's member (quoted as the error does), or the archive for a
+    fault of the whole, and its reason."""
     member = case.member.format(host=host) if case.member else case.member
     if member == ANY:
-        reason = re.sub(r"^member '[^']*': ", "", error)
+        reason = re.sub(r"^member '[^']*': ", "", error.removeprefix(f"{archive}: "))
     elif member is None:
-        assert not error.startswith("member "), error
-        reason = error
+        assert error.startswith(f"{archive}: "), error
+        reason = error.removeprefix(f"{archive}: ")
     else:
         prefix = f"member {member!r}: "
         assert error.startswith(prefix), error
@@ -325,13 +326,13 @@ def test_refused_by_extract_and_verify(cli: Callable[..., Result], case: Case, h
     for dest in (tmp_path / "new", empty):
         done = cli("extract", *case.options, hostile, dest)
         assert done.code == 1 and done.out == "", done
-        check_error(done.error, case, host)
+        check_error(done.error, case, host, hostile)
         assert snapshot(tmp_path, empty) == before  # a new dest is gone again
         assert os.listdir(empty) == []
 
     done = cli("verify", *case.options, hostile)
     assert done.code == 1 and done.out == "", done
-    check_error(done.error, case, host)
+    check_error(done.error, case, host, hostile)
     assert snapshot(tmp_path, tmp_path / "-") == snapshot(tmp_path, tmp_path / "-")
     assert snapshot(tmp_path, empty) == before and os.listdir(empty) == []
 
@@ -362,7 +363,7 @@ def test_refused_by_run(case: Case, host: Path, tmp_path: Path) -> None:
     assert done.stdout == ""
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("rpack: error: "), done.stderr
-    check_error(lines[0].removeprefix("rpack: error: "), case, host)
+    check_error(lines[0].removeprefix("rpack: error: "), case, host, hostile)
     assert snapshot(tmp_path, base) == before  # I1
     # I2: no root, and nothing in the cache but its empty skeleton.
     left = [*base.glob("rpack-*/*"), *base.glob("rpack-*/cache/*"), *base.glob("rpack-*/cache/*/*")]
@@ -623,7 +624,7 @@ def test_verify_fails_a_second_archive_appended(cli: Callable[..., Result], sh_a
                                                 tmp_path: Path) -> None:
     copy = tmp_path / "twice.tar.zst"
     copy.write_bytes(sh_archive.read_bytes() * 2)
-    assert cli("verify", copy).error == "data after end of archive"
+    assert cli("verify", copy).error == f"{copy}: data after end of archive"
 
 
 def test_extract_then_chroot_like_tar(sh_archive: Path, tmp_path: Path) -> None:
@@ -668,6 +669,11 @@ def test_standard_input(sh_archive: Path) -> None:
                               text=True, env=rpack_env())
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["members"] == len(archive_members(sh_archive))
+    # A fault of the whole archive names it: here, standard input.
+    done = subprocess.run([*RPACK, "verify", "-"], input=sh_archive.read_bytes()[:1000],
+                          capture_output=True, env=rpack_env())
+    assert (done.returncode, done.stderr) == (
+        1, b"rpack: error: standard input: truncated archive (zstd frame incomplete)\n")
 
 
 def test_list_fails_part_way(cli: Callable[..., Result], sh_archive: Path,
@@ -675,7 +681,7 @@ def test_list_fails_part_way(cli: Callable[..., Result], sh_archive: Path,
     copy = tmp_path / "cut.tar.zst"
     copy.write_bytes(sh_archive.read_bytes()[:-100_000])
     done = cli("list", copy)
-    assert done.code == 1 and done.error.startswith("truncated archive")
+    assert done.code == 1 and done.error.startswith(f"{copy}: truncated archive")
     assert ".rpack/manifest.json" in done.out.splitlines()[0]
     json_done = cli("list", "--json", copy)
     assert json_done.code == 1 and json_done.out == ""

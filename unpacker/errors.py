@@ -14,6 +14,9 @@ class UnpackError(Exception):
     def __init__(self, reason: str, member: str | None = None) -> None:
         self.reason = " ".join(reason.split())
         self.member = member
+        # Set by the reader for a fault of the archive as a whole, which the message should
+        # then name: the reader has no name for it.
+        self.of_archive = False
         super().__init__(str(self))
 
     def __str__(self) -> str:

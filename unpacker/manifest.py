@@ -80,7 +80,8 @@ def parse_manifest(data: bytes, name: str, max_members: int) -> Manifest:
         shown = repr(obj.get("format"))[:40]
         raise UnpackError(f"unsupported archive format {shown} (expected {FORMAT!r})", name)
     try:
-        _check_text(obj, "the manifest")
+        # Entries are left to the member checks, which refuse such a name more precisely.
+        _check_text({k: v for k, v in obj.items() if k != "entries"}, "the manifest")
         entries = _entries(obj.get("entries"))
         platform = _platform(obj.get("platform"))
         _check_totals(obj.get("totals"), entries)

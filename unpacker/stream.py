@@ -79,7 +79,8 @@ class ArchiveReader:
                 reader.finish()
             checker.check_complete()
             check.finish()
-        except UnpackError:
+        except UnpackError as exc:
+            exc.of_archive = exc.member is None
             raise
         except Exception as exc:
             member = self._current.name if self._current else None
