@@ -287,30 +287,18 @@ def test_missing_loader_is_126_naming_the_program(host: Host, sh: Path, shared: 
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+@pytest.mark.parametrize(("sig", "script"), [
+    (signal.SIGTERM, "exec sleep {}"), (signal.SIGINT, "exec sleep {}"),
+    # Off a terminal as on one, the keyboard's signals reach the program's process group:
+    # sh's sleep as well, without which sh would wait for it.
+    (signal.SIGINT, "sleep {}; echo after"), (signal.SIGQUIT, "sleep {}; echo after"),
+], ids=["TERM", "INT", "INT-child", "QUIT-child"])
 def test_signal_to_rpack_ends_the_program(host: Host, sh: Path, mode: str,
-                                          sig: signal.Signals) -> None:
+                                          sig: signal.Signals, script: str) -> None:
     # F59: passed on to the program, which dies of it; rpack says so and cleans up.
-    seconds = unique(mode, f".{sig}")
+    seconds = unique(mode, f".{sig}{len(script)}")
     process = start_cli(mode, "run", "--tmpdir", host.tmpdir, sh, "-c",
-                        f"echo started; exec sleep {seconds}")
-    assert process.stdout is not None
-    assert process.stdout.readline() == b"started\n"
-    process.send_signal(sig)
-    assert process.wait(timeout=30) == 128 + sig
-    assert not sleepers(seconds)
-    host.check()
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT], ids=["INT", "QUIT"])
-def test_keyboard_signals_reach_the_programs_children(host: Host, sh: Path, mode: str,
-                                                      sig: signal.Signals) -> None:
-    # Off a terminal as on one, Ctrl-C reaches the program's process group: sh's sleep as
-    # well, without which sh would wait for it.
-    seconds = unique(mode, f".{sig}")
-    process = start_cli(mode, "run", "--tmpdir", host.tmpdir, sh, "-c",
-                        f"echo started; sleep {seconds}; echo after")
+                        "echo started; " + script.format(seconds))
     assert process.stdout is not None
     assert process.stdout.readline() == b"started\n"
     assert wait_for(lambda: len(sleepers(seconds)) == 1)
