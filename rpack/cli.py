@@ -420,13 +420,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _reading(args: argparse.Namespace, what: str) -> Iterator[BinaryIO]:
-    """The archive, with a bar that follows how much of it has been read."""
+def _reading(args: argparse.Namespace, what: str, shown: bool = True) -> Iterator[BinaryIO]:
+    """The archive, with a bar that follows how much of it has been read (unless not `shown`):
+    what the command prints to the terminal goes after the block, once the bar is gone."""
     from unpacker import open_archive
     from unpacker.progress import bar, counting, file_size
 
     with open_archive(args.archive) as source, \
-            bar(what, file_size(source), args.quiet) as progress:
+            bar(what, file_size(source), args.quiet or not shown) as progress:
         yield counting(progress, source)
 
 
@@ -442,16 +443,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from unpacker import TarLines, list_members
 
-    with _reading(args, "reading") as source:
+    # The lines stream out as tar -tv prints them, which a bar would break into.
+    with _reading(args, "reading", shown=args.json) as source:
         members = list_members(source, limits=_limits(args))
-        if args.json:
-            # Printed once the whole archive has passed every check.
-            json.dump([member.as_json() for member in members], sys.stdout, indent=1)
-            print()
+        if not args.json:
+            lines = TarLines()
+            for member in members:
+                print(lines.line(member))
             return 0
-        lines = TarLines()
-        for member in members:
-            print(lines.line(member))
+        # Printed once the whole archive has passed every check.
+        listed = [member.as_json() for member in members]
+    json.dump(listed, sys.stdout, indent=1)
+    print()
     return 0
 
 
