@@ -1,11 +1,17 @@
 """One checked pass over an archive: the reader behind extract, verify, list and inspect."""
 
+import contextlib
 import hashlib
+import io
+import os
 import queue
+import stat
 import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
+
+import zstandard
 
 from unpacker.decompress import FrameChecker, open_stream
 from unpacker.errors import UnpackError, reason
@@ -72,7 +78,7 @@ class ArchiveReader:
     def __iter__(self) -> Iterator[Item]:
         checker = FrameChecker(self._source)
         try:
-            with _TarStream(checker, self._tar_sink) as tar:
+            with _TarStream(checker, self._tar_sink, _regular_file(self._source)) as tar:
                 reader = TarReader(tar, self._limits)
                 check = yield from self._items(reader)
                 self._current = None
@@ -130,40 +136,65 @@ class ArchiveReader:
             check_platform(manifest.platform)
         return manifest, data
 
-class _TarStream:
-    """The uncompressed tar stream of the frames `checker` passes, decompressed in a thread of
-    its own at most DEPTH chunks ahead of its reader.
+def _regular_file(source: BinaryIO) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(source.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
 
-    The thread decompresses, hashes the stream (the archive's identity, in `digest` and `size`)
-    and hands every byte to `sink` if there is one, all of which runs outside the GIL, while
-    the reader checks members and writes files: two cores, as tar piped from zstd uses. What
-    the thread meets (a refused frame, corrupt data) is raised to the reader at the point of
-    the stream where it happened. The zstd stream is the thread's alone, opened and closed
-    there. By the time the reader gets b"" the thread has ended; leaving early stops it,
-    waiting a moment for a thread blocked reading a pipe, which then ends with the process.
+
+class _TarStream:
+    """The uncompressed tar stream of the frames `checker` passes; read from a regular file, it
+    is decompressed in a thread of its own at most DEPTH chunks ahead of its reader.
+
+    Producing a chunk decompresses it, hashes it (the archive's identity, in `digest` and
+    `size`) and hands it to `sink` if there is one, all of which runs outside the GIL: in the
+    thread, while the reader checks members and writes files, two cores work, as tar piped
+    from zstd uses. What the thread meets (a refused frame, corrupt data) is raised to the
+    reader at the point of the stream where it happened; the zstd stream is the thread's alone,
+    and by the time the reader gets b"" the thread has ended. A pipe is read in the reader's
+    thread: a read of a pipe may block for as long as the sender likes, and a thread blocked so
+    would keep rpack from ending when it refuses the archive.
     """
 
     DEPTH = 4
 
-    def __init__(self, checker: FrameChecker, sink: Callable[[bytes], object] | None) -> None:
+    def __init__(self, checker: FrameChecker, sink: Callable[[bytes], object] | None,
+                 threaded: bool) -> None:
         self._checker = checker
         self._sink = sink
         self.digest = hashlib.sha256()
         self.size = 0
+        self._stream: zstandard.ZstdDecompressionReader | None = None
+        self._closing = contextlib.ExitStack()
+        self._thread = threading.Thread(target=self._fill, name="rpack-tar-stream",
+                                        daemon=True) if threaded else None
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self.DEPTH)
         self._stop = threading.Event()
         self._chunk = b""
         self._at = 0
         self._ended = False
-        self._thread = threading.Thread(target=self._fill, name="rpack-tar-stream", daemon=True)
 
     def __enter__(self) -> "_TarStream":
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
+        else:
+            self._stream = self._closing.enter_context(open_stream(self._checker))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=1)
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=1)
+        self._closing.close()
+
+    def _pass(self, data: bytes) -> bytes:
+        """Hash a chunk produced and hand it to the sink."""
+        self.digest.update(data)
+        self.size += len(data)
+        if self._sink is not None and data:
+            self._sink(data)
+        return data
 
     def _fill(self) -> None:
         try:
@@ -172,11 +203,7 @@ class _TarStream:
                     data = stream.read(READ_CHUNK)
                     if self._stop.is_set():
                         return  # the reader has gone, and the sink may be closed
-                    self.digest.update(data)
-                    self.size += len(data)
-                    if self._sink is not None and data:
-                        self._sink(data)
-                    self._put(data)
+                    self._put(self._pass(data))
                     if not data:
                         return
         except BaseException as exc:  # raised in the reader's thread instead
@@ -190,17 +217,28 @@ class _TarStream:
             except queue.Full:
                 continue
 
+    def _next(self) -> bytes:
+        if self._thread is None:
+            assert self._stream is not None
+            return self._pass(self._stream.read(READ_CHUNK))
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if not item:
+            self._thread.join()
+        return item
+
     def read(self, size: int = -1, /) -> bytes:
         if self._at == len(self._chunk):
             if self._ended:
                 return b""
-            item = self._queue.get()
-            if isinstance(item, BaseException):
+            try:
+                item = self._next()
+            except BaseException:
                 self._ended = True
-                raise item
+                raise
             if not item:
                 self._ended = True
-                self._thread.join()
                 return b""
             self._chunk, self._at = item, 0
         end = len(self._chunk) if size < 0 else min(len(self._chunk), self._at + size)
