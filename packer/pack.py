@@ -93,16 +93,27 @@ def find_program(name: str, cwd: str) -> str:
 
 # Filesystems the kernel makes up as they are read; the archive holds /proc and /dev empty.
 KERNEL_TREES = ("/proc", "/sys", "/dev")
+MAX_HOPS = 40  # symlinks the kernel follows in one lookup
 
 
 def _refuse_kernel_files(path: str, what: str) -> None:
-    """Refuse a path in /proc, /sys or /dev, or one that leads there (/dev/stdin)."""
-    for candidate in (path, os.path.realpath(path)):
-        tree = next((t for t in KERNEL_TREES
-                     if candidate == t or candidate.startswith(t + "/")), None)
-        if tree is not None:
-            raise PackError(f"{path!r} is in {tree}, which the kernel provides, not a file to "
-                            f"pack as {what}", hint="name the file by its real path")
+    """Refuse a path in /proc, /sys or /dev, or one whose links lead there on any hop
+    (/dev/stdin, a link to /proc/self/exe): packing it would pack the kernel's view of this
+    process, and a new one each time."""
+    hop = path
+    for _ in range(MAX_HOPS):
+        # The hop's directory resolved, so that a directory link on the way counts too.
+        here = os.path.join(os.path.realpath(os.path.dirname(hop)), os.path.basename(hop))
+        for candidate in (hop, here):
+            tree = next((t for t in KERNEL_TREES
+                         if candidate == t or candidate.startswith(t + "/")), None)
+            if tree is not None:
+                where = "is in" if hop == path else "leads into"
+                raise PackError(f"{path!r} {where} {tree}, which the kernel provides, not a file "
+                                f"to pack as {what}", hint="name the file by its real path")
+        if not os.path.islink(here):
+            return
+        hop = os.path.join(os.path.dirname(here), os.readlink(here))
 
 
 def collect(options: Options, cwd: str | None = None) -> Collection:

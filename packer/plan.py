@@ -244,8 +244,9 @@ def _check_name(member: str, is_dir: bool, target: str | None = None) -> None:
         if target is not None:
             check_symlink_target(target, _is_utf8(target))
     except PathError as e:
+        # repr() escapes control characters: the name reaches a terminal in one line.
         shown = member.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        raise PackError(f"cannot pack '/{shown}': {e}",
+        raise PackError(f"cannot pack {'/' + shown!r}: {e}",
                         hint="leave it out with --exclude") from None
 
 

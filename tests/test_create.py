@@ -206,6 +206,16 @@ def test_kernel_files_are_not_packed(args: list[str], named: str, what: str,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("target", ["/proc/self/exe", "/proc/self/root/bin/sh"])
+def test_a_link_into_proc_is_not_followed_there(target: str, tmp_path: Path) -> None:
+    (tmp_path / "link").symlink_to(target)
+    done = rpack("create", tmp_path / "x.tar.zst", tmp_path / "link")
+    assert error_lines(done.stderr) == [
+        f"rpack: error: {str(tmp_path / 'link')!r} leads into /proc, which the kernel provides, "
+        "not a file to pack as a program"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
 def test_deps_json_has_the_documented_shape() -> None:
     done = rpack("deps", "--json", "/bin/sh")
     assert done.returncode == 0, done.stderr

@@ -205,7 +205,7 @@ def test_rootfs_extracts_exactly(dest: Path, host: Path, caplog: pytest.LogCaptu
     result = extract(io.BytesIO(rootfs_archive()), dest)
     check_rootfs(dest, result)
     assert snapshot(dest.parent, dest) == before
-    assert "stripped setuid/setgid bits from 1 members" in caplog.text
+    assert "stripped setuid/setgid bits from 1 member" in caplog.text
 
 
 def test_gnu_style_dot_slash_names(dest: Path) -> None:

@@ -274,13 +274,24 @@ CASES = [
          r"^invalid manifest \(expecting property name"),
     Case("C22-manifest-escape", lambda h: archive(head=manifest_member(manifest(
         generator="rpack\x1b]0;retitled\x07\x1b[2J"))), MANIFEST_PATH,
-         r"^invalid manifest \(control character in a string of 'generator'\)$"),
+         r"^invalid manifest \(control character or lone surrogate in a string of 'generator'\)$"),
     Case("C22-manifest-c1", lambda h: archive(head=manifest_member(manifest(
         env={"X": "\x9b31m"}))), MANIFEST_PATH,
-         r"^invalid manifest \(control character in a string of 'env'\)$"),
+         r"^invalid manifest \(control character or lone surrogate in a string of 'env'\)$"),
+    Case("C22-manifest-surrogate", lambda h: archive(head=manifest_member(manifest(
+        generator="rpack \ud800"))), MANIFEST_PATH,
+         r"^invalid manifest \(control character or lone surrogate in a string of 'generator'\)$"),
+    Case("C22-origin-escape", lambda h: archive(
+        file("a", b"x"), head=manifest_member(manifest(
+            [{**file_entry("a", b"x"), "origin": "x\x1b]0;retitled\x07"}]))), MANIFEST_PATH,
+         r"^invalid manifest \(control character or lone surrogate in a string of 'entries'\)$"),
     Case("H86-entrypoint-nul", lambda h: archive(head=manifest_member(manifest(
         entrypoint=["/bin/sh\x00-c"]))), MANIFEST_PATH,
-         r"^invalid manifest \(control character in a string of 'entrypoint'\)$"),
+         r"^invalid manifest \(control character or lone surrogate in a string of 'entrypoint'\)$"),
+    Case("H86-long-number", lambda h: archive(head=encode(file(
+        MANIFEST_PATH, b'{"format": "rpack/1", "n": ' + b"9" * 5001 + b"}"))), MANIFEST_PATH,
+         r"^invalid manifest \(exceeds the limit \(4300 digits\) for integer string "
+         r"conversion: value has 5001 digits\)$"),
     Case("H86-env-a-list", lambda h: archive(head=manifest_member(manifest(env=["A=1"]))),
          MANIFEST_PATH, r"^invalid manifest \('env' is not an object of strings\)$"),
     Case("H86-env-name-with-equals", lambda h: archive(head=manifest_member(manifest(

@@ -207,7 +207,8 @@ class _Extraction:
             self.link_dirs.close()
 
         if self.setid_stripped:
-            logger.warning("stripped setuid/setgid bits from %d members", self.setid_stripped)
+            logger.warning("stripped setuid/setgid bits from %d member%s", self.setid_stripped,
+                           "" if self.setid_stripped == 1 else "s")
         logger.info("extracted %d members from %d compressed bytes", reader.members,
                     reader.compressed_bytes)
         assert reader.manifest is not None and reader.identity is not None

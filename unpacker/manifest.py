@@ -14,7 +14,8 @@ from unpacker.read import Kind, Member
 _SHA256 = re.compile("[0-9a-f]{64}")
 # Control characters (C0, DEL, C1): in a string shown on a terminal they can move the cursor,
 # retitle the window or clear the screen (security.md C22). No manifest string needs them.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Lone surrogates, which JSON's \u escapes can make, are no text at all: printing one fails.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # JSON items (commas and opening brackets) a manifest may hold per entry its members allow:
 # an entry is one object of at most seven keys, six commas in it and one in the list; the
 # rest of the manifest needs a few dozen.
@@ -80,8 +81,13 @@ def parse_manifest(data: bytes, name: str, max_members: int) -> Manifest:
         shown = repr(obj.get("format"))[:40]
         raise UnpackError(f"unsupported archive format {shown} (expected {FORMAT!r})", name)
     try:
-        # Entries are left to the member checks, which refuse such a name more precisely.
+        # An entry's path and target are left to the member checks, which refuse such a name
+        # more precisely; what else an entry says (its origin) is checked here.
         _check_text({k: v for k, v in obj.items() if k != "entries"}, "the manifest")
+        entries_value = obj.get("entries")
+        if isinstance(entries_value, list):
+            _check_text([{k: v for k, v in e.items() if k not in ("path", "target")}
+                         for e in entries_value if isinstance(e, dict)], "'entries'")
         entries = _entries(obj.get("entries"))
         platform = _platform(obj.get("platform"))
         _check_totals(obj.get("totals"), entries)
@@ -95,7 +101,7 @@ def _check_text(value: Any, where: str) -> None:
     """Refuse a control character in any string of `value`, keys included."""
     if isinstance(value, str):
         if _CONTROL.search(value):
-            raise ValueError(f"control character in a string of {where}")
+            raise ValueError(f"control character or lone surrogate in a string of {where}")
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_text(key, where)
@@ -142,7 +148,9 @@ def _load(data: bytes, name: str) -> dict[str, Any]:
     try:
         obj = json.loads(data.decode(), object_pairs_hook=unique, parse_constant=no_constant)
     except (ValueError, RecursionError) as exc:
-        raise UnpackError(f"invalid manifest ({str(exc).lower()[:200]})", name) from None
+        # Python's own advice for long numbers (set_int_max_str_digits) is not the user's.
+        text = str(exc).lower().partition("; use sys.")[0]
+        raise UnpackError(f"invalid manifest ({text[:200]})", name) from None
     if not isinstance(obj, dict):
         raise UnpackError("invalid manifest (not a json object)", name)
     return obj
