@@ -98,7 +98,7 @@ def parse_manifest(data: bytes, name: str, max_members: int) -> Manifest:
 
 
 def _check_text(value: Any, where: str) -> None:
-    """Refuse a control character in any string of `value`, keys included."""
+    """Refuse a control character or lone surrogate in any string of `value`, keys too."""
     if isinstance(value, str):
         if _CONTROL.search(value):
             raise ValueError(f"control character or lone surrogate in a string of {where}")
