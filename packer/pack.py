@@ -87,7 +87,7 @@ def find_program(name: str, cwd: str) -> str:
     path = os.path.abspath(os.path.join(cwd, name))
     if not os.path.lexists(path):
         raise PackError(f"{path!r}: no such file")
-    _refuse_kernel_files(path, "a program")
+    _refuse_kernel_files(path, "as a program")
     return path
 
 
@@ -110,7 +110,7 @@ def _refuse_kernel_files(path: str, what: str) -> None:
             if tree is not None:
                 where = "is in" if hop == path else "leads into"
                 raise PackError(f"{path!r} {where} {tree}, which the kernel provides, not a file "
-                                f"to pack as {what}", hint="name the file by its real path")
+                                f"to pack {what}", hint="name the file by its real path")
         if not os.path.islink(here):
             return
         hop = os.path.join(os.path.dirname(here), os.readlink(here))
@@ -140,7 +140,7 @@ def collect(options: Options, cwd: str | None = None) -> Collection:
         path = os.path.abspath(os.path.join(cwd, added))
         if not os.path.lexists(path):
             raise PackError(f"{added!r}: no such file or directory (given to --add)")
-        _refuse_kernel_files(path, "--add")
+        _refuse_kernel_files(path, "with --add")
         for member in plan.add_tree(path, "added"):
             note("/" + member, "/" + member, "added", f"under {path} (--add)")
             if plan.members[member].type == "symlink":

@@ -195,7 +195,7 @@ def test_bad_program_is_one_clear_error(bad: str, tmp_path: Path) -> None:
     (["/dev/stdin"], "/dev/stdin", "in /dev, which the kernel provides, not a file to pack as "
      "a program"),
     (["--add", "/sys/kernel", "/bin/sh"], "/sys/kernel", "in /sys, which the kernel provides, "
-     "not a file to pack as --add"),
+     "not a file to pack with --add"),
 ])
 def test_kernel_files_are_not_packed(args: list[str], named: str, what: str,
                                      tmp_path: Path) -> None:
