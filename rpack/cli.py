@@ -597,12 +597,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(terminating, _terminate)
     try:
         _check_streams(args, closed)
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except Terminated as e:
         if args.debug:
             raise
         _error(f"terminated by {signal.Signals(e.signum).name}")
-        return 128 + e.signum
+        return _end_of(e.signum)
     except (PackError, UnpackError, RunError) as e:
         if args.debug:
             raise
@@ -616,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         _error("interrupted")
-        return 130
+        return _end_of(signal.SIGINT)
     except BrokenPipeError:
         # The reader went away (`rpack deps | head`): not worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -626,6 +626,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
         return failure
+    # A program that a signal ended: rpack ends of the same signal, once it has cleaned up.
+    ended_by = getattr(status, "signal", None)
+    return _end_of(ended_by) if ended_by else int(status)
+
+
+def _end_of(signum: int) -> int:
+    """End rpack by signal `signum`, as a shell expects of a program that a signal ended: a
+    loop running rpack stops on Ctrl-C, where an exit status of 130 would let it go on.
+    Returns 128+signum should the signal not end it."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stream.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
+    return 128 + signum
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ FORWARDED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQ
                        signal.SIGUSR1, signal.SIGUSR2}) | JOB_CONTROL
 WAITED = FORWARDED | {signal.SIGCHLD}
 GROUP_SIGNALS = JOB_CONTROL | {signal.SIGINT, signal.SIGQUIT}
+# Signals that end a process without a core dump, which rpack re-raises when one ended the
+# program (util-linux unshare does the same); SIGKILL is left out, since rpack's own grace
+# period sends it.
+ENDING_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGPIPE, signal.SIGALRM,
+                            signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2})
 # How long a program may take to end after rpack passed it a SIGTERM (docker stop's default).
 GRACE = 10.0
 
@@ -82,8 +87,13 @@ def init(job: Job, lifeline: int) -> int:
         code, message = exec_failure(err, job.argv[0], job.env)
         send(job.report, {"exec": message})
         return code
+    code = supervise(pid, orphans=True)
+    if -code in ENDING_SIGNALS:
+        # The runner ends of it in turn, so that a shell loop running rpack stops on Ctrl-C
+        # as it would with the program.
+        send(job.report, {"signal": str(-code)})
     os.close(job.report)
-    return supervise(pid, orphans=True)
+    return shell_status(code)
 
 
 def close_fds_but(*keep: int) -> None:
@@ -149,7 +159,8 @@ def exec_failure(err: int, name: str, env: dict[str, str]) -> tuple[int, str]:
 
 
 def supervise(pid: int, *, orphans: bool, grace: float | None = None, report: int = -1) -> int:
-    """Pass signals on to pid until it ends, and return its status the way a shell does.
+    """Pass signals on to pid until it ends, and return its status as reap does (-N for
+    signal N).
 
     The caller has blocked WAITED. With orphans (the init's case) any other child is reaped
     and signals sent from inside the sandbox are not passed on. With grace (the relay's
@@ -192,6 +203,11 @@ def forward(pid: int, sig: int, group: bool) -> None:
         os.kill(pid, sig)
 
 
+def shell_status(code: int) -> int:
+    """A code from reap the way a shell gives it: 128+N for a process ended by signal N."""
+    return code if code >= 0 else 128 - code
+
+
 def reap(pid: int, orphans: bool) -> int | None:
     while True:
         try:
@@ -201,8 +217,7 @@ def reap(pid: int, orphans: bool) -> int | None:
         if found == 0:
             return None
         if found == pid:
-            code = os.waitstatus_to_exitcode(status)
-            return code if code >= 0 else 128 - code
+            return os.waitstatus_to_exitcode(status)  # -N: ended by signal N
 
 
 def send(fd: int, message: dict[str, str]) -> None:

@@ -14,7 +14,18 @@ from runner import linux
 from runner.cleanup import remove_tree
 from runner.errors import RunError
 from runner.identity import invoker
-from runner.init import FORWARDED, GRACE, WAITED, Job, init, read_all, reap, send, supervise
+from runner.init import (
+    FORWARDED,
+    GRACE,
+    WAITED,
+    Job,
+    init,
+    read_all,
+    reap,
+    send,
+    shell_status,
+    supervise,
+)
 from runner.mounts import Bind, Layers, mount_overlay
 from runner.terminal import Terminal
 
@@ -38,10 +49,11 @@ USERNS_DISABLED = ("unprivileged user namespaces are probably disabled "
 
 def run(root: str, argv: list[str], env: dict[str, str], workdir: str = "/", *,
         binds: Sequence[Bind] = (), grace: float = GRACE, host_files: bool = True,
-        layers: Layers | None = None) -> int:
+        layers: Layers | None = None) -> "Status":
     """Run argv inside the extracted root and return its exit status, the way a shell does.
 
-    The status is the program's own, 128+N if signal N ended it, 126 if it could not be
+    The status is the program's own, 128+N if signal N ended it (and then, for the signals
+    that end a process without a core dump, `signal` says N), 126 if it could not be
     executed and 127 if it is not in the root. RunError means the sandbox itself failed.
     The root gets /etc/passwd and /etc/group entries for uid and gid 0, and with host_files
     the host's /etc/resolv.conf and /etc/hosts, read-only (runner.identity). With layers,
@@ -64,6 +76,7 @@ def run(root: str, argv: list[str], env: dict[str, str], workdir: str = "/", *,
         if terminal:
             terminal.close()
 
+    ended_by = None
     for report in reports:
         if "warning" in report:
             log.warning("%s", report["warning"])
@@ -71,7 +84,21 @@ def run(root: str, argv: list[str], env: dict[str, str], workdir: str = "/", *,
             raise RunError(report["error"], report.get("hint"))
         if "exec" in report:
             log.error("%s", report["exec"])
-    return status
+        if report.get("signal", "").isdigit() and status == 128 + int(report["signal"]):
+            ended_by = int(report["signal"])
+    return Status(status, ended_by)
+
+
+class Status(int):
+    """An exit status the way a shell gives it; `signal` is the signal that ended the program
+    when rpack should end of it too (runner.init.ENDING_SIGNALS), else None."""
+
+    signal: int | None
+
+    def __new__(cls, code: int, ended_by: int | None = None) -> "Status":
+        status = super().__new__(cls, code)
+        status.signal = ended_by
+        return status
 
 
 def check_request(root: str, argv: list[str], env: dict[str, str], workdir: str) -> None:
@@ -202,7 +229,7 @@ def wait_for(pid: int, waited: frozenset[int] | set[int], terminal: Terminal | N
                     if status is not None:
                         if terminal:
                             terminal.drain()
-                        return status
+                        return shell_status(status)
                     if sig in FORWARDED:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, sig)
@@ -271,7 +298,7 @@ def relay(job: Job, runner: int, terminal: Terminal | None) -> int:
     os.close(lifeline)
     if job.tty:
         os.close(job.tty.sock)
-    return supervise(pid, orphans=False, grace=job.grace, report=job.report)
+    return shell_status(supervise(pid, orphans=False, grace=job.grace, report=job.report))
 
 
 def enter_namespaces(userns: bool) -> None:

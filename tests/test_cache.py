@@ -224,7 +224,7 @@ def test_cache_list_and_clean(host: Host, sh: Path, mode: str) -> None:
     assert (done.returncode, done.stdout) == (0, "removed 0 cached roots; 1 in use stay\n")
     assert entries(host, mode) == [entry]
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 143
+    assert process.wait(timeout=30) == -signal.SIGTERM
 
     done = run_cli(mode, "cache", "clean", "--tmpdir", host.tmpdir)
     assert (done.returncode, done.stdout) == (0, "removed 1 cached roots\n")
