@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from unpacker.format import BASE_ENV
 from unpacker.limits import Limits
-from unpacker.progress import bar, counting, file_size
+from unpacker.progress import bar, reading
 from unpacker.stream import ArchiveReader
 
 from .archive import CHUNK, TarWriter, compressor, tarinfo
@@ -274,9 +274,8 @@ def _write_layer(source: BinaryIO, layer_file: BinaryIO, compression: str,
         raise ValueError(f"unknown compression {compression!r}")
 
     try:
-        with bar("reading archive", file_size(source), quiet) as progress:
-            reader = ArchiveReader(counting(progress, source), limits, check_platform=False,
-                                   tar_sink=sink.write)
+        with reading(source, "reading archive", quiet) as (counted, _):
+            reader = ArchiveReader(counted, limits, check_platform=False, tar_sink=sink.write)
             mtime = 0
             for item in reader:
                 if item.entry is None:

@@ -424,11 +424,11 @@ def _reading(args: argparse.Namespace, what: str, shown: bool = True) -> Iterato
     """The archive, with a bar that follows how much of it has been read (unless not `shown`):
     what the command prints to the terminal goes after the block, once the bar is gone."""
     from unpacker import open_archive
-    from unpacker.progress import bar, counting, file_size
+    from unpacker.progress import reading
 
     with open_archive(args.archive) as source, \
-            bar(what, file_size(source), args.quiet or not shown) as progress:
-        yield counting(progress, source)
+            reading(source, what, args.quiet or not shown) as (counted, _):
+        yield counted
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 
 from unpacker import Limits, extract, open_archive
 from unpacker.format import BASE_ENV
-from unpacker.progress import bar, counting, file_size
+from unpacker.progress import reading
 
 from .cache import DEFAULT_SIZE, Cache, quick_key
 from .errors import RunError
@@ -68,12 +68,13 @@ def launch(archive: str, args: list[str], *, entrypoint: str | None = None,
     an overlay of its own on that root. A progress bar follows the unpacking unless `quiet`.
     """
     check_binds(binds)
-    with open_archive(archive) as source, bar("unpacking", file_size(source), quiet) as progress:
+    with open_archive(archive) as source, \
+            reading(source, "unpacking", quiet) as (counted, progress):
         # Before unpacking anything: a host without user namespaces fails at once.
         check_namespaces()
         with workspace(tmpdir, keep) as place:
             try:
-                with unpacked(counting(progress, source), place, cache and not keep, cache_size,
+                with unpacked(counted, place, cache and not keep, cache_size,
                               limits or Limits(), trust_setuid) as (root, manifest, layers):
                     # Gone before the program writes anything.
                     progress.close()

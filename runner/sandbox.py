@@ -127,19 +127,23 @@ def check_request(root: str, argv: list[str], env: dict[str, str], workdir: str)
 
 def check_namespaces() -> None:
     """Raise RunError now, before anything is unpacked, if the sandbox's namespaces fail."""
+    for report in run_probe(probe):
+        if "error" in report:
+            raise RunError(report["error"], report.get("hint"))
+
+
+def run_probe(step: Callable[[], int]) -> list[dict[str, str]]:
+    """Run step in a throwaway child (runner.sandbox.spawn) and return what it reported."""
     report_r, report_w = os.pipe()
     try:
         try:
-            pid = spawn(probe, report_w)
+            pid = spawn(step, report_w)
         finally:
             os.close(report_w)
         os.waitpid(pid, 0)
-        reports = read_reports(report_r)
+        return read_reports(report_r)
     finally:
         os.close(report_r)
-    for report in reports:
-        if "error" in report:
-            raise RunError(report["error"], report.get("hint"))
 
 
 def probe() -> int:
@@ -160,16 +164,7 @@ def check_overlay(place: str) -> str | None:
         root = os.path.join(probe_dir, "root")
         for path in (layers.lower, layers.upper, layers.work, root):
             os.mkdir(path, 0o700)
-        report_r, report_w = os.pipe()
-        try:
-            try:
-                pid = spawn(lambda: probe_overlay(root, layers), report_w)
-            finally:
-                os.close(report_w)
-            os.waitpid(pid, 0)
-            reports = read_reports(report_r)
-        finally:
-            os.close(report_r)
+        reports = run_probe(lambda: probe_overlay(root, layers))
     finally:
         remove_tree(probe_dir)
     return next((report["error"] for report in reports if "error" in report), None)

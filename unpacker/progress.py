@@ -1,9 +1,11 @@
 """Progress bars in bytes, with rates, on standard error; none when that is not a terminal."""
 
+import contextlib
 import io
 import os
 import stat
 import sys
+from collections.abc import Iterator
 from typing import Any, BinaryIO, cast
 
 
@@ -54,3 +56,11 @@ def file_size(source: BinaryIO) -> int | None:
     except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
         return None
     return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+@contextlib.contextmanager
+def reading(source: BinaryIO, what: str, quiet: bool) -> Iterator[tuple[BinaryIO, Any]]:
+    """`source` with its reads counted on a bar of its size, and the bar: a caller that must
+    print before the end closes it early (closing it again is harmless)."""
+    with bar(what, file_size(source), quiet) as progress:
+        yield counting(progress, source), progress
