@@ -27,7 +27,8 @@ class _NoBar:
 
 def bar(what: str, total: int | None, quiet: bool) -> Any:
     """A bar counting bytes up to `total` (None: unknown). It appears only after half a
-    second, so quick work shows nothing, and it is erased when closed. None at all with
+    second (TQDM_DELAY sets another), so quick work shows nothing, and it is erased when
+    closed. None at all with
     `quiet` or when standard error is not a terminal (a pipe, a log, CI)."""
     if quiet or not sys.stderr.isatty():
         return _NoBar()
@@ -36,8 +37,10 @@ def bar(what: str, total: int | None, quiet: bool) -> Any:
     # tqdm's monitor is a thread, and a process with a second thread cannot enter a new user
     # namespace (unshare fails with EINVAL), which `rpack run` does after unpacking.
     tqdm.monitor_interval = 0
+    # tqdm's own TQDM_* variables override its defaults; rpack's delay gives way to theirs.
+    delay = {} if "TQDM_DELAY" in os.environ else {"delay": 0.5}
     return tqdm(total=total, desc=what, file=sys.stderr, unit="B", unit_scale=True,
-                unit_divisor=1024, leave=False, delay=0.5, dynamic_ncols=True)
+                unit_divisor=1024, leave=False, dynamic_ncols=True, **delay)
 
 
 def counting(progress: Any, source: BinaryIO) -> BinaryIO:
